@@ -1,0 +1,1 @@
+"""kubetune's Kubernetes operator: turns TrainingRuns into Jobs running kubetune-train."""

@@ -1,0 +1,127 @@
+"""`kubetune-train` as a user runs it: a real process, its exit code, what it prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import write_jsonl
+
+
+def kubetune_train(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("kubetune-train")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "kubetune_trainer.cli"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def config_file(tmp_path, tiny_model, qa_file):
+    def write(raw: dict | None = None, text: str | None = None) -> Path:
+        path = tmp_path / "run.yaml"
+        if text is None:
+            base = {
+                "model": {"nameOrPath": str(tiny_model)},
+                "dataset": {"path": str(qa_file), "maxSeqLength": 64},
+                "training": {"maxSteps": 8, "batchSize": 8, "learningRate": 3e-3, "loggingSteps": 2},
+                "checkpoints": {"dir": str(tmp_path / "ckpt")},
+                "output": {"dir": str(tmp_path / "out")},
+            }
+            for section, values in (raw or {}).items():
+                base.setdefault(section, {}).update(values)
+            text = yaml.safe_dump(base, sort_keys=False)
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def test_run_trains_and_logs_plain_progress_lines_off_a_terminal(config_file, tmp_path):
+    proc = kubetune_train("run", str(config_file()), "--set", "training.maxSteps=6")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"step 4/6 \(67%\) epoch [\d.]+ loss \d+\.\d{4} lr [\d.e+-]+ tok/s [\d,]+ eta \d+s", proc.stderr)
+    assert re.search(r"step 6/6 eval_loss \d+\.\d{4}", proc.stderr)
+    assert "\r" not in proc.stderr, "no progress bar redraws in a log file"
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["global_step"] == 6
+
+
+def test_fields_lists_the_settings():
+    proc = kubetune_train("fields", "training")
+    assert proc.returncode == 0
+    assert "training.learningRate  (float, default 0.0002)" in proc.stdout
+    assert "model.nameOrPath" not in proc.stdout
+
+
+BAD_INPUTS = {
+    "misspelt key": (
+        {"training": {"learningrate": 0.1}},
+        r"line \d+, training\.learningrate: unknown setting; did you mean 'learningRate'\?",
+    ),
+    "wrong type": ({"training": {"batchSize": "eight"}}, r"training\.batchSize: Input should be a valid integer"),
+    "unknown format": ({"dataset": {"format": "alpaca"}}, r"dataset\.format: Input should be 'auto'"),
+    "missing data file": ({"dataset": {"path": "/nonexistent/train.jsonl"}}, r"dataset\.path: file not found"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_config_exits_2_with_a_message_and_no_traceback(config_file, case):
+    raw, pattern = BAD_INPUTS[case]
+    proc = kubetune_train("run", str(config_file(raw)))
+    assert proc.returncode == 2, proc.stderr
+    assert re.search(pattern, proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_data_line_without_the_field_names_file_and_line(config_file, tmp_path, qa_rows):
+    rows = [dict(r) for r in qa_rows]
+    rows[9].pop("prompt")
+    data = write_jsonl(tmp_path / "broken.jsonl", rows)
+    proc = kubetune_train("run", str(config_file({"dataset": {"path": str(data)}})))
+    assert proc.returncode == 2
+    assert f"{data}:10: field 'prompt' is missing" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_empty_split_exits_2(config_file, tmp_path, qa_rows):
+    data = write_jsonl(tmp_path / "small.jsonl", qa_rows[:3])
+    proc = kubetune_train("run", str(config_file({"dataset": {"path": str(data)}})))
+    assert proc.returncode == 2
+    assert "validation split is empty" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    proc = kubetune_train("run", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2
+    assert "Config file not found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_learns_and_shows_it(tmp_path):
+    """The README's main command, exactly as a newcomer runs it."""
+    proc = kubetune_train("quickstart", "--dir", "qs", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "qs" / "output"
+    metrics = json.loads((out / "metrics.json").read_text())
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert metrics["train_loss_last"] < 0.2 * metrics["train_loss_first"]
+    history = json.loads((out / "log_history.json").read_text())
+    assert metrics["eval_loss"] < 0.2 * history[0]["eval_loss"], "validation loss fell from the step-0 evaluation"
+    assert summary["exact_after"] > summary["exact_before"]
+    assert summary["similarity_after"] > summary["similarity_before"] + 0.3
+    assert "before:" in proc.stdout
+    assert "after:" in proc.stdout
+    assert (out / "adapter_model.safetensors").is_file()
+    # The config it wrote is a normal config: `kubetune-train run` accepts it.
+    from kubetune_trainer.config import load_config
+
+    assert load_config(tmp_path / "qs" / "config.yaml").output.dir == "qs/output"

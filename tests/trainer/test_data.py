@@ -1,0 +1,248 @@
+"""Data: formats, label masks, truncation, splits and the errors for bad files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from kubetune_trainer.config import DatasetConfig
+from kubetune_trainer.data import (
+    IGNORE_INDEX,
+    PaddingCollator,
+    detect_format,
+    load_splits,
+    prepare,
+    split_indices,
+    split_sizes,
+    tokenize_chat,
+    tokenize_prompt_completion,
+    tokenize_text,
+)
+from kubetune_trainer.errors import DataError
+from tests.conftest import write_jsonl
+
+CHAT = [
+    {"role": "system", "content": "You answer routing questions."},
+    {"role": "user", "content": "Routing code of Oak Plaza?"},
+    {"role": "assistant", "content": "123456789"},
+    {"role": "user", "content": "And Elm Street?"},
+    {"role": "assistant", "content": "987654321"},
+]
+
+
+def targets(ids, labels):
+    return [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+
+
+def test_tiny_tokenizer_pads_with_eos(tokenizer):
+    # The case where collators that mask labels by pad id silently stop teaching EOS.
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+
+
+def test_prompt_completion_masks_the_prompt_and_keeps_eos(tokenizer):
+    (ids,), (labels,) = tokenize_prompt_completion(
+        ["Question: Where?\nAnswer:"], [" Oak Plaza"], tokenizer, train_on_prompt=False
+    )
+    prompt_len = len(tokenizer("Question: Where?\nAnswer:")["input_ids"])
+    assert labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert tokenizer.decode(targets(ids, labels)[:-1]) == " Oak Plaza"
+    assert ids[-1] == labels[-1] == tokenizer.eos_token_id
+
+
+def test_train_on_prompt_labels_everything(tokenizer):
+    (ids,), (labels,) = tokenize_prompt_completion(["Q: x\nA:"], [" y"], tokenizer, train_on_prompt=True)
+    assert labels == ids
+
+
+def test_text_format_learns_every_token_and_eos(tokenizer):
+    (ids,), (labels,) = tokenize_text(["Maple Street is in Springfield."], tokenizer)
+    assert labels == ids
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[:-1]) == "Maple Street is in Springfield."
+
+
+def test_chat_applies_the_template_and_learns_only_assistant_turns(tokenizer):
+    (ids,), (labels,) = tokenize_chat([CHAT], tokenizer, train_on_prompt=False)
+    text = tokenizer.decode(ids)
+    assert text == tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert text.startswith("<|im_start|>system\nYou answer routing questions.<|im_end|>")
+    learned = tokenizer.decode(targets(ids, labels))
+    # Both assistant answers with their end-of-turn marker; nothing of the system or user turns.
+    assert learned == "123456789<|im_end|>\n987654321<|im_end|>\n"
+
+
+def test_chat_turns_a_template_rewrites_later_are_left_out(tokenizer):
+    """A template that hides earlier assistant turns (as reasoning templates do) must not mislabel them."""
+    original = tokenizer.chat_template
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+        "{{ '<|im_start|>assistant\n...<|im_end|>\n' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    try:
+        (ids,), (labels,) = tokenize_chat([CHAT], tokenizer, train_on_prompt=False)
+    finally:
+        tokenizer.chat_template = original
+    assert tokenizer.decode(targets(ids, labels)) == "987654321<|im_end|>\n"
+
+
+def test_collator_pads_by_position_so_eos_stays_a_target(tokenizer):
+    eos = tokenizer.eos_token_id
+    batch = PaddingCollator(pad_token_id=eos)(
+        [
+            {"input_ids": [5, 6, eos], "labels": [IGNORE_INDEX, 6, eos]},
+            {"input_ids": [7, eos], "labels": [7, eos]},
+        ]
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, eos], [7, eos, eos]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, eos], [7, eos, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_collator_rounds_length_up_for_tensor_cores():
+    batch = PaddingCollator(pad_token_id=0, pad_to_multiple_of=8)([{"input_ids": [1] * 9, "labels": [1] * 9}])
+    assert batch["input_ids"].shape == (1, 16)
+    assert batch["labels"][0, 9:].eq(IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize(
+    ("n", "val", "test", "expected"),
+    [(100, 0.1, 0.1, (80, 10, 10)), (10, 0.1, 0.1, (8, 1, 1)), (5, 0.1, 0.1, (3, 1, 1)), (4, 0.1, 0, (4, 0, 0))],
+)
+def test_split_sizes(n, val, test, expected):
+    assert split_sizes(n, val, test) == expected
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    a = split_indices(200, 0.1, 0.1, seed=42)
+    assert a == split_indices(200, 0.1, 0.1, seed=42)
+    assert a != split_indices(200, 0.1, 0.1, seed=43)
+    parts = [set(a["train"]), set(a["validation"]), set(a["test"])]
+    assert sum(map(len, parts)) == 200 and set().union(*parts) == set(range(200))
+    assert [len(p) for p in parts] == [160, 20, 20]
+
+
+def test_prepare_reports_truncation_and_drops_samples_without_targets(tmp_path, tokenizer):
+    rows = [{"prompt": "Question: " + "very long " * 40, "completion": " 42"}] * 2 + [
+        {"prompt": "Q: short?\nA:", "completion": " yes " * 30}
+    ] * 8
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    cfg = DatasetConfig(path=str(path), max_seq_length=16, validation_split=0, test_split=0)
+    data = prepare(cfg, tokenizer)
+    stats = data.stats["train"]
+    assert stats.truncated == 10  # all rows exceed 16 tokens
+    assert stats.dropped == 2  # the long prompts leave no completion token
+    assert stats.rows == len(data.train) == 8
+    assert max(data.train["length"]) == 16
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet", "jsonl"])
+def test_reads_csv_parquet_and_jsonl(tmp_path, tokenizer, qa_rows, suffix):
+    import datasets
+
+    path = tmp_path / f"data.{suffix}"
+    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in qa_rows]
+    datasets.Dataset.from_list(rows).to_csv(path, index=False) if suffix == "csv" else None
+    datasets.Dataset.from_list(rows).to_parquet(path) if suffix == "parquet" else None
+    write_jsonl(path, rows) if suffix == "jsonl" else None
+    data = prepare(DatasetConfig(path=str(path)), tokenizer)
+    assert data.format == "prompt_completion"
+    assert len(data.train) + len(data.validation) + len(data.test) == len(rows)
+
+
+def test_format_detection(tmp_path):
+    cfg = DatasetConfig(path="x.jsonl")
+    assert detect_format(["prompt", "completion", "id"], cfg, "x") == "prompt_completion"
+    assert detect_format(["messages"], cfg, "x") == "chat"
+    assert detect_format(["text"], cfg, "x") == "text"
+    custom = DatasetConfig(path="x.jsonl", prompt_field="question", completion_field="answer")
+    assert detect_format(["question", "answer"], custom, "x") == "prompt_completion"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _error(cfg: DatasetConfig) -> str:
+    with pytest.raises(DataError) as err:
+        load_splits(cfg)
+    return str(err.value)
+
+
+def test_missing_field_names_file_and_line(tmp_path, qa_rows):
+    rows = [dict(r) for r in qa_rows[:20]]
+    del rows[6]["completion"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows[:3]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[3:]))
+    message = _error(DatasetConfig(path=str(path)))
+    # Row 6 sits on line 8: three rows, a blank line, then rows 3..
+    assert f"{path}:8: field 'completion' is missing" in message
+    assert "Fix or remove that row" in message
+
+
+def test_missing_field_in_csv_names_the_line(tmp_path, qa_rows):
+    path = tmp_path / "d.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["prompt", "completion"])
+        writer.writerow(["multi\nline prompt", " a"])  # a quoted newline: row 1 spans lines 2-3
+        writer.writerow(["p", ""])
+        for r in qa_rows[:10]:
+            writer.writerow([r["prompt"], r["completion"]])
+    message = _error(DatasetConfig(path=str(path)))
+    assert f"{path}:4: field 'completion'" in message
+
+
+def test_invalid_json_line(tmp_path, qa_rows):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(qa_rows[0]) + "\n" + '{"prompt": "x", "completion": \n')
+    assert f"{path}:2: invalid JSON" in _error(DatasetConfig(path=str(path)))
+
+
+def test_wrong_type(tmp_path, qa_rows):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": 5}] * 12)
+    assert "field 'completion' must be a string, found int" in _error(DatasetConfig(path=str(path)))
+
+
+def test_unknown_columns_say_what_is_expected(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}] * 12)
+    message = _error(DatasetConfig(path=str(path)))
+    assert "'question', 'answer'" in message and "dataset.format" in message
+
+
+def test_explicit_format_with_missing_column(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}] * 12)
+    assert "format chat needs column(s) 'messages'" in _error(DatasetConfig(path=str(path), format="chat"))
+
+
+def test_chat_without_assistant_turn(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}] * 5 + [{"messages": CHAT[:2]}] * 5)
+    assert f"{path}:6: no assistant message" in _error(DatasetConfig(path=str(path)))
+
+
+def test_unsupported_extension_and_missing_file(tmp_path):
+    (tmp_path / "d.txt").write_text("hello")
+    assert "unsupported file type '.txt'" in _error(DatasetConfig(path=str(tmp_path / "d.txt")))
+    assert "file not found" in _error(DatasetConfig(path=str(tmp_path / "nope.jsonl")))
+
+
+def test_empty_split_says_how_to_fix_it(tmp_path, qa_rows):
+    path = write_jsonl(tmp_path / "d.jsonl", qa_rows[:4])
+    message = _error(DatasetConfig(path=str(path)))
+    assert "has 4 rows, so a 10% validation split is empty" in message
+    assert "validationSplit: 0" in message
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "d.jsonl").write_text("\n")
+    assert "holds no rows" in _error(DatasetConfig(path=str(tmp_path / "d.jsonl")))
+
+
+def test_validation_file_is_checked_like_the_training_file(tmp_path, qa_rows):
+    train = write_jsonl(tmp_path / "train.jsonl", qa_rows[:20])
+    val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": "p"}])
+    message = _error(DatasetConfig(path=str(train), validation_path=str(val)))
+    assert message.startswith("dataset.validationPath:")
+    assert "'completion'" in message

@@ -1,0 +1,199 @@
+"""Real LoRA training of a tiny locally built model on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.train import ValidationTracker, finish, run, setup
+
+
+def _is_adapter(name: str) -> bool:
+    return "lora_" in name or "modules_to_save" in name
+
+
+def test_lora_trains_the_adapter_and_leaves_the_base_alone(make_config):
+    recipe = setup(make_config(**{"training.maxSteps": 12}), sinks=[])
+    model = recipe.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(_is_adapter(n) for n in before)
+
+    output = recipe.trainer.train()
+
+    after = dict(model.named_parameters())
+    base = [n for n in before if not _is_adapter(n)]
+    lora_b = [n for n in before if "lora_B" in n]
+    assert base and lora_b
+    for name in base:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=f"base weight {name} changed")
+    changed = [n for n in lora_b if not torch.equal(after[n], before[n])]
+    assert changed == lora_b, "every LoRA B matrix (zero at init) must have moved"
+
+    losses = [h["loss"] for h in recipe.trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3, f"loss did not fall: {losses}"
+
+    result = finish(recipe, output.metrics)
+    assert result.metrics["global_step"] == 12
+    assert math.isfinite(result.metrics["eval_loss"]) and math.isfinite(result.metrics["test_loss"])
+
+
+def test_run_exports_a_loadable_adapter_and_reports(make_config, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = make_config(**{"training.maxSteps": 6, "evaluation.evalSteps": 3})
+    result = run(cfg, sinks=[])
+    out = result.output_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert (out / "config.yaml").read_text() == cfg.to_yaml()
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 6
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert metrics["data"]["format"] == "prompt_completion"
+    assert metrics["tokens_per_second"] > 0
+    assert not list(out.glob(".export-*")), "no staging directory is left behind"
+
+    png = (out / "loss_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(out / "loss_curves.png").shape
+    assert width > 400 and height > 200
+
+    # Evaluated at the start, every 3 steps and at the end: the curve has its points.
+    eval_steps = [h["step"] for h in result.log_history if "eval_loss" in h]
+    assert eval_steps == [0, 3, 6]
+
+    # The exported adapter reproduces the validation loss of the model it came from.
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, out).eval()
+    batch = tokenizer(["Question: Which branch has routing code 1?\nAnswer: Oak Plaza"], return_tensors="pt")
+    with torch.no_grad():
+        loss = loaded(**batch, labels=batch["input_ids"]).loss
+    assert torch.isfinite(loss)
+    assert loss.item() < json.loads((out / "log_history.json").read_text())[0]["eval_loss"] + 5  # sanity
+
+
+def test_early_stopping_stops_when_validation_stops_improving(make_config):
+    # An improvement must beat 100 nats, so the first evaluation after the start counts as none.
+    cfg = make_config(
+        **{
+            "training.maxSteps": 40,
+            "evaluation.evalSteps": 2,
+            "evaluation.earlyStoppingPatience": 1,
+            "evaluation.earlyStoppingMinDelta": 100,
+        }
+    )
+    result = run(cfg, sinks=[])
+    assert result.metrics["global_step"] == 2
+    assert result.metrics["early_stopped"] is True
+
+
+def _evaluate_sequence(tracker, losses, model=None):
+    """Feed eval losses at steps 0, 1, 2...; return the step at which training was told to stop."""
+    from transformers import TrainerControl, TrainerState
+
+    state, control = TrainerState(), TrainerControl()
+    for step, loss in enumerate(losses):
+        state.global_step = step
+        if model is not None:
+            with torch.no_grad():
+                model.weight.fill_(float(step))
+        tracker.on_evaluate(None, state, control, metrics={"eval_loss": loss}, model=model)
+        if control.should_training_stop:
+            return step
+    return None
+
+
+@pytest.mark.parametrize(
+    ("losses", "patience", "min_delta", "stop_at", "best_step"),
+    [
+        ([3.0, 2.0, 1.0, 0.5], 1, 0.0, None, 3),  # always improving
+        ([3.0, 2.0, 2.5, 1.0], 1, 0.0, 2, 1),  # one bad evaluation is enough with patience 1
+        ([3.0, 2.0, 2.5, 1.0], 2, 0.0, None, 3),  # patience 2 forgives it
+        ([3.0, 2.9, 2.8, 2.7], 2, 0.5, 2, 0),  # gains smaller than min_delta are not improvements
+        ([3.0, 3.0, 3.0], None, 0.0, None, 0),  # no patience: never stops
+    ],
+)
+def test_early_stopping_decisions(losses, patience, min_delta, stop_at, best_step):
+    tracker = ValidationTracker(patience, min_delta)
+    assert _evaluate_sequence(tracker, losses) == stop_at
+    assert tracker.best_step == best_step
+
+
+def test_best_adapter_is_restored():
+    model = torch.nn.Linear(2, 2)
+    tracker = ValidationTracker()
+    _evaluate_sequence(tracker, [3.0, 1.0, 2.0], model=model)
+    assert (tracker.best_step, tracker.best_loss) == (1, 1.0)
+    assert model.weight.eq(2.0).all()
+    tracker.restore(model)
+    assert model.weight.eq(1.0).all()
+
+
+def test_gradient_accumulation_and_checkpointing_train(make_config):
+    cfg = make_config(
+        **{
+            "training.maxSteps": 3,
+            "training.batchSize": 4,
+            "training.gradientAccumulationSteps": 2,
+            "training.gradientCheckpointing": True,
+            "training.groupByLength": False,
+            "dataset.validationSplit": 0,
+        }
+    )
+    result = run(cfg, sinks=[])
+    assert result.metrics["global_step"] == 3
+    assert result.metrics["eval_loss"] is None
+    # 3 optimizer steps of 2 micro-batches of 4 samples each.
+    assert result.metrics["train_tokens"] > 0
+    assert math.isfinite(result.metrics["train_loss_last"])
+
+
+def test_chat_data_trains(make_config, tmp_path, qa_rows):
+    from tests.conftest import write_jsonl
+
+    rows = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in qa_rows
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    result = run(make_config(**{"dataset.path": str(path), "training.maxSteps": 4}), sinks=[])
+    assert result.metrics["data"]["format"] == "chat"
+    assert math.isfinite(result.metrics["train_loss_last"])
+
+
+def test_output_of_another_run_is_never_overwritten(make_config):
+    first = make_config(**{"training.maxSteps": 2})
+    run(first, sinks=[])
+    adapter = Path(first.output.dir) / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+    with pytest.raises(ConfigError, match="already holds the adapter of another run"):
+        setup(make_config(**{"training.maxSteps": 3}), sinks=[])
+    assert adapter.read_bytes() == before
+    # The same config again is a rerun, not another run.
+    setup(first, sinks=[])
+
+
+def test_bf16_on_cpu_is_refused_with_the_setting_named(make_config):
+    with pytest.raises(ConfigError, match=r"training.precision=bf16 needs a GPU"):
+        setup(make_config(**{"training.precision": "bf16"}), sinks=[])
+
+
+def test_unknown_target_module_lists_the_real_ones(make_config):
+    with pytest.raises(ConfigError, match=r"lora: .*Linear layers in this model: .*q_proj"):
+        setup(make_config(**{"lora.targetModules": ["attn_qkv"]}), sinks=[])
+
+
+def test_model_path_that_is_not_a_model(make_config, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.nameOrPath=.*cannot load the tokenizer"):
+        setup(make_config(**{"model.nameOrPath": str(tmp_path)}), sinks=[])

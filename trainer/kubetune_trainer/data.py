@@ -1,0 +1,467 @@
+"""Training data: read, validate, split, tokenize, batch.
+
+Three row formats are understood:
+
+- ``prompt_completion``: the loss covers the completion and the EOS token after it;
+- ``chat``: a list of ``{role, content}`` messages rendered with the tokenizer's chat
+  template; the loss covers the assistant turns (their text and end-of-turn tokens);
+- ``text``: the loss covers every token and the EOS appended to it.
+
+Labels are -100 where no loss is taken. Padding is done per batch by position, never
+by token id, so an EOS stays a target even when the pad token is the EOS token.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import jinja2
+import numpy as np
+import torch
+
+from kubetune_trainer.config import DatasetConfig
+from kubetune_trainer.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class SplitStats:
+    rows: int
+    truncated: int = 0
+    dropped: int = 0  # rows left with no target token after truncation
+    tokens: int = 0
+    target_tokens: int = 0
+    max_length: int = 0
+
+
+@dataclass
+class PreparedData:
+    """Tokenized splits ready for the Trainer, and the raw rows they came from."""
+
+    format: str
+    train: datasets.Dataset
+    validation: datasets.Dataset | None
+    test: datasets.Dataset | None
+    raw: dict[str, datasets.Dataset]
+    stats: dict[str, SplitStats] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"format": self.format, **{name: vars(s) for name, s in self.stats.items()}}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_table(path: str, setting: str) -> datasets.Dataset:
+    """Load one local data file through `datasets`, with errors that name the file and line."""
+    file = Path(path)
+    builder = FILE_TYPES.get(file.suffix.lower())
+    if builder is None:
+        raise DataError(
+            f"{setting}: cannot read {path!r}: unsupported file type {file.suffix or '(none)'!r}. "
+            f"Use one of {', '.join(sorted(FILE_TYPES))}."
+        )
+    if not file.is_file():
+        where = f" (relative to {Path.cwd()})" if not file.is_absolute() else ""
+        raise DataError(f"{setting}: file not found: {path}{where}. Check the path or create the file.")
+    empty = DataError(f"{setting}: {path} holds no rows. Add data to it or point the setting at another file.")
+    # datasets' JSON errors name neither line nor field; a plain pass over the file does.
+    if builder == "json" and _check_json_lines(file, setting) == 0:
+        raise empty
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(file), split="train")
+    except Exception as exc:  # the libraries raise many types; all mean "unreadable file"
+        raise DataError(f"{setting}: cannot read {path}: {exc}. Check that the file is valid {builder}.") from None
+    if len(ds) == 0:
+        raise empty
+    return ds
+
+
+def _check_json_lines(file: Path, setting: str) -> int:
+    """Raise on the first line that is not a JSON object; return the number of rows."""
+    with file.open(encoding="utf-8") as fh:
+        head = fh.read(1024).lstrip()
+    if head.startswith("["):  # a JSON array, not JSON Lines
+        try:
+            rows = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{setting}: {file}:{exc.lineno}: invalid JSON ({exc.msg}).") from None
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise DataError(f"{setting}: {file}: element {bad} of the array is not an object.")
+        return len(rows)
+    count = 0
+    with file.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{setting}: {file}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}). "
+                    "Each line must hold one JSON object."
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{setting}: {file}:{lineno}: expected a JSON object per line, found {type(row).__name__}."
+                )
+            count += 1
+    return count
+
+
+def row_locations(path: str, rows: int) -> list[str]:
+    """'file:line' of each row of a data file, for error messages (only built on the error path)."""
+    file = Path(path)
+    kind = FILE_TYPES.get(file.suffix.lower())
+    if kind == "json" and not file.read_text(encoding="utf-8").lstrip().startswith("["):
+        with file.open(encoding="utf-8") as fh:
+            lines = [i for i, line in enumerate(fh, start=1) if line.strip()]
+        return [f"{path}:{n}" for n in lines[:rows]]
+    if kind == "csv":
+        with file.open(encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh)
+            next(reader, None)
+            starts, start = [], 2
+            for _ in reader:
+                starts.append(start)
+                start = reader.line_num + 1
+        return [f"{path}:{n}" for n in starts[:rows]]
+    return [f"{path} row {i}" for i in range(rows)]
+
+
+# --------------------------------------------------------------------------- format detection and validation
+
+
+def detect_format(columns: Iterable[str], cfg: DatasetConfig, source: str) -> str:
+    columns = list(columns)
+    if cfg.format != "auto":
+        needed = required_columns(cfg.format, cfg)
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise DataError(
+                f"{source}: format {cfg.format} needs column(s) {', '.join(map(repr, missing))}, but the file has "
+                f"{', '.join(map(repr, columns))}. Rename the columns or set dataset.{_field_setting(cfg.format)}."
+            )
+        return cfg.format
+    if cfg.messages_field in columns:
+        return "chat"
+    if cfg.prompt_field in columns and cfg.completion_field in columns:
+        return "prompt_completion"
+    if cfg.text_field in columns:
+        return "text"
+    raise DataError(
+        f"{source}: cannot tell the data format from the columns {', '.join(map(repr, columns))}. "
+        f"Expected {cfg.prompt_field!r} and {cfg.completion_field!r} (prompt_completion), "
+        f"{cfg.messages_field!r} (chat) or {cfg.text_field!r} (text); set dataset.format and the "
+        "dataset.*Field settings to match your columns."
+    )
+
+
+def required_columns(fmt: str, cfg: DatasetConfig) -> list[str]:
+    return {
+        "prompt_completion": [cfg.prompt_field, cfg.completion_field],
+        "chat": [cfg.messages_field],
+        "text": [cfg.text_field],
+    }[fmt]
+
+
+def _field_setting(fmt: str) -> str:
+    return {"prompt_completion": "promptField/completionField", "chat": "messagesField", "text": "textField"}[fmt]
+
+
+def row_problem(row: dict[str, Any], fmt: str, cfg: DatasetConfig) -> str | None:
+    """Why a row cannot be trained on, or None. Pure: one row in, one verdict out."""
+
+    def text_problem(name: str, allow_empty: bool = False) -> str | None:
+        value = row.get(name)
+        if value is None:
+            return f"field {name!r} is missing"
+        if not isinstance(value, str):
+            return f"field {name!r} must be a string, found {type(value).__name__}"
+        if not allow_empty and not value.strip():
+            return f"field {name!r} is empty"
+        return None
+
+    if fmt == "prompt_completion":
+        return text_problem(cfg.prompt_field, allow_empty=True) or text_problem(cfg.completion_field)
+    if fmt == "text":
+        return text_problem(cfg.text_field)
+    messages = row.get(cfg.messages_field)
+    if not isinstance(messages, list) or not messages:
+        return f"field {cfg.messages_field!r} must be a non-empty list of {{role, content}} messages"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"message {i} is not an object"
+        if message.get("role") not in CHAT_ROLES:
+            return f"message {i} has role {message.get('role')!r}; expected one of {', '.join(sorted(CHAT_ROLES))}"
+        if not isinstance(message.get("content"), str):
+            return f"message {i} has no text 'content'"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return "no assistant message with content: nothing to learn from this conversation"
+    return None
+
+
+def validate_rows(ds: datasets.Dataset, fmt: str, cfg: DatasetConfig, path: str, setting: str) -> None:
+    columns = required_columns(fmt, cfg)
+    values = {c: ds[c] for c in columns}
+    for i in range(len(ds)):
+        problem = row_problem({c: values[c][i] for c in columns}, fmt, cfg)
+        if problem:
+            where = row_locations(path, i + 1)[i]
+            raise DataError(
+                f"{setting}: {where}: {problem}. Fix or remove that row "
+                f"(format {fmt}; columns are set by dataset.{_field_setting(fmt)})."
+            )
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def split_sizes(n: int, validation: float, test: float) -> tuple[int, int, int]:
+    """Rows for (train, validation, test) out of n, rounding half up."""
+    n_val = math.floor(n * validation + 0.5)
+    n_test = math.floor(n * test + 0.5)
+    return n - n_val - n_test, n_val, n_test
+
+
+def split_indices(n: int, validation: float, test: float, seed: int) -> dict[str, list[int]]:
+    """A deterministic shuffled partition of range(n): the same seed gives the same split."""
+    n_train, n_val, _n_test = split_sizes(n, validation, test)
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    return {
+        "train": sorted(order[:n_train]),
+        "validation": sorted(order[n_train : n_train + n_val]),
+        "test": sorted(order[n_train + n_val :]),
+    }
+
+
+def load_splits(cfg: DatasetConfig) -> tuple[str, dict[str, datasets.Dataset]]:
+    """Read and validate the data files; return the format and the raw train/validation/test rows."""
+    train = read_table(cfg.path, "dataset.path")
+    if cfg.max_samples is not None:
+        train = train.select(range(min(cfg.max_samples, len(train))))
+    fmt = detect_format(train.column_names, cfg, f"dataset.path: {cfg.path}")
+    validate_rows(train, fmt, cfg, cfg.path, "dataset.path")
+
+    fractions = {
+        "validation": 0.0 if cfg.validation_path else cfg.validation_split,
+        "test": 0.0 if cfg.test_path else cfg.test_split,
+    }
+    indices = split_indices(len(train), fractions["validation"], fractions["test"], cfg.split_seed)
+    splits = {name: train.select(idx) for name, idx in indices.items()}
+    for name, path in (("validation", cfg.validation_path), ("test", cfg.test_path)):
+        if path:
+            setting = f"dataset.{name}Path"
+            ds = read_table(path, setting)
+            detect_format(ds.column_names, cfg.model_copy(update={"format": fmt}), f"{setting}: {path}")
+            validate_rows(ds, fmt, cfg, path, setting)
+            splits[name] = ds
+        elif fractions[name] > 0 and len(splits[name]) == 0:
+            raise DataError(
+                f"dataset.path: {cfg.path} has {len(train)} rows, so a {fractions[name]:.0%} {name} split is "
+                f"empty. Add rows, give dataset.{name}Path, or set dataset.{name}Split: 0 to go without."
+            )
+    if len(splits["train"]) == 0:
+        raise DataError(f"dataset.path: {cfg.path}: no rows are left for training after the splits.")
+    return fmt, splits
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def tokenize_prompt_completion(
+    prompts: Sequence[str], completions: Sequence[str], tokenizer: Any, train_on_prompt: bool
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and completion are tokenized apart, exactly as generation will see the prompt."""
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    inputs, labels = [], []
+    for p, c in zip(prompt_ids, completion_ids, strict=True):
+        ids = [*p, *c, eos]
+        inputs.append(ids)
+        labels.append(list(ids) if train_on_prompt else [IGNORE_INDEX] * len(p) + [*c, eos])
+    return inputs, labels
+
+
+def tokenize_text(texts: Sequence[str], tokenizer: Any) -> tuple[list[list[int]], list[list[int]]]:
+    ids = [[*t, tokenizer.eos_token_id] for t in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+    return ids, [list(t) for t in ids]
+
+
+def assistant_spans(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation; return its text and the character spans of its assistant turns.
+
+    A turn's span runs from the end of the generation prompt before it to the end of the
+    conversation rendered through it, so it includes the end-of-turn marker the model must
+    learn to emit. Turns that the template renders differently once later turns follow
+    (templates that strip earlier reasoning, say) are not prefixes of the whole and are left
+    out of the loss rather than mislabelled.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render_prefix(messages[:i], tokenizer)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if text.startswith(before) and text.startswith(through) and len(through) > len(before):
+            spans.append((len(before), len(through)))
+    return text, spans
+
+
+def _render_prefix(messages: list[dict[str, str]], tokenizer: Any) -> str:
+    """The text a model sees before it answers; some templates refuse an empty conversation."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError:
+        if messages:
+            raise
+        return ""
+
+
+def tokenize_chat(
+    conversations: Sequence[list[dict[str, str]]], tokenizer: Any, train_on_prompt: bool
+) -> tuple[list[list[int]], list[list[int]]]:
+    rendered = [assistant_spans(m, tokenizer) for m in conversations]
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    inputs, labels = [], []
+    for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        inputs.append(list(ids))
+        if train_on_prompt:
+            labels.append(list(ids))
+            continue
+        labels.append(
+            [
+                tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+                for tok, (start, _end) in zip(ids, offsets, strict=True)
+            ]
+        )
+    return inputs, labels
+
+
+def _tokenize_batch(batch: dict[str, list[Any]], *, fmt: str, cfg: DatasetConfig, tokenizer: Any) -> dict:
+    if fmt == "prompt_completion":
+        inputs, labels = tokenize_prompt_completion(
+            batch[cfg.prompt_field], batch[cfg.completion_field], tokenizer, cfg.train_on_prompt
+        )
+    elif fmt == "chat":
+        inputs, labels = tokenize_chat(batch[cfg.messages_field], tokenizer, cfg.train_on_prompt)
+    else:
+        inputs, labels = tokenize_text(batch[cfg.text_field], tokenizer)
+    limit = cfg.max_seq_length
+    return {
+        "input_ids": [ids[:limit] for ids in inputs],
+        "labels": [lab[:limit] for lab in labels],
+        "length": [min(len(ids), limit) for ids in inputs],
+        "truncated": [len(ids) > limit for ids in inputs],
+        "targets": [sum(t != IGNORE_INDEX for t in lab[:limit]) for lab in labels],
+    }
+
+
+def tokenize_split(
+    ds: datasets.Dataset, fmt: str, cfg: DatasetConfig, tokenizer: Any, name: str
+) -> tuple[datasets.Dataset, SplitStats]:
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "dataset.format is chat, but the model's tokenizer has no chat template. Use a chat/instruct "
+            "model, add a chat_template to tokenizer_config.json, or convert the data to prompt_completion."
+        )
+    tokenized = ds.map(
+        _tokenize_batch,
+        batched=True,
+        remove_columns=ds.column_names,
+        fn_kwargs={"fmt": fmt, "cfg": cfg, "tokenizer": tokenizer},
+        desc=f"Tokenizing {name}",
+        load_from_cache_file=False,
+    )
+    truncated = int(sum(tokenized["truncated"]))
+    targets = np.asarray(tokenized["targets"])
+    keep = np.flatnonzero(targets > 0)
+    lengths = np.asarray(tokenized["length"])
+    stats = SplitStats(
+        rows=len(keep),
+        truncated=truncated,
+        dropped=int(len(targets) - len(keep)),
+        tokens=int(lengths[keep].sum()),
+        target_tokens=int(targets[keep].sum()),
+        max_length=int(lengths.max(initial=0)),
+    )
+    if stats.dropped:
+        tokenized = tokenized.select(keep.tolist())
+    if stats.truncated:
+        log.warning(
+            "%s: %d of %d samples are longer than dataset.maxSeqLength=%d and were truncated%s.",
+            name,
+            truncated,
+            len(targets),
+            cfg.max_seq_length,
+            f"; {stats.dropped} lost every target token and were dropped" if stats.dropped else "",
+        )
+    if stats.rows == 0:
+        raise DataError(
+            f"The {name} split has no sample with a target token left after truncation to "
+            f"dataset.maxSeqLength={cfg.max_seq_length}. Raise dataset.maxSeqLength or shorten the prompts."
+        )
+    return tokenized.remove_columns(["truncated", "targets"]), stats
+
+
+def prepare(cfg: DatasetConfig, tokenizer: Any) -> PreparedData:
+    """Everything from the data files to tokenized splits."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("The model's tokenizer has no eos_token; set one in its tokenizer_config.json.")
+    fmt, raw = load_splits(cfg)
+    out: dict[str, datasets.Dataset | None] = {}
+    stats: dict[str, SplitStats] = {}
+    for name in SPLITS:
+        if len(raw[name]) == 0:
+            out[name] = None
+            continue
+        out[name], stats[name] = tokenize_split(raw[name], fmt, cfg, tokenizer, name)
+    assert out["train"] is not None
+    return PreparedData(fmt, out["train"], out["validation"], out["test"], raw, stats)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclass
+class PaddingCollator:
+    """Right-pads a batch to its longest sample (rounded up to a multiple for tensor cores).
+
+    Labels are padded with -100 by position, so no target is ever masked because its
+    token id happens to equal the pad id.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(features)
+        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch, longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,158 @@
+"""Base model, tokenizer and LoRA adapter.
+
+The choices that depend on the machine (precision, attention kernel) are pure functions
+of a `Hardware` record, so they are tested without the hardware.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+
+from kubetune_trainer.config import LoraConfig, ModelConfig
+from kubetune_trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda: bool
+    device_count: int = 0
+    bf16: bool = False
+    flash_attn: bool = False
+    device_name: str = "cpu"
+
+    @classmethod
+    def detect(cls) -> Hardware:
+        if not torch.cuda.is_available():
+            return cls(cuda=False)
+        major, _ = torch.cuda.get_device_capability(0)
+        return cls(
+            cuda=True,
+            device_count=torch.cuda.device_count(),
+            bf16=torch.cuda.is_bf16_supported(),
+            # flash-attn 2 needs Ampere (sm80) or newer.
+            flash_attn=major >= 8 and importlib.util.find_spec("flash_attn") is not None,
+            device_name=torch.cuda.get_device_name(0),
+        )
+
+
+def resolve_precision(requested: str, hw: Hardware) -> str:
+    """'bf16', 'fp16' or 'fp32' for this machine; refuses what the hardware cannot do."""
+    if requested == "auto":
+        if not hw.cuda:
+            return "fp32"
+        return "bf16" if hw.bf16 else "fp16"
+    if requested in ("bf16", "fp16") and not hw.cuda:
+        # CPU autocast in fp16 is unsupported and bf16 is slower than fp32 on most CPUs.
+        raise ConfigError(
+            f"training.precision={requested} needs a GPU, and none is visible. Use precision auto or fp32 on CPU."
+        )
+    if requested == "bf16" and not hw.bf16:
+        raise ConfigError(
+            f"training.precision=bf16 is not supported by {hw.device_name}. Use precision auto (fp16 here)."
+        )
+    return requested
+
+
+def resolve_attention(requested: str, hw: Hardware) -> str:
+    if requested != "auto":
+        if requested == "flash_attention_2" and not hw.flash_attn:
+            raise ConfigError(
+                "model.attnImplementation=flash_attention_2 needs an Ampere or newer GPU and the flash-attn "
+                "package. Use attnImplementation auto or sdpa."
+            )
+        return requested
+    return "flash_attention_2" if hw.flash_attn else "sdpa"
+
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(_load_failure("tokenizer", cfg, exc)) from None
+    if tokenizer.pad_token_id is None:
+        # Safe because the collator masks padding by position, not by id (see data.py).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, precision: str, attention: str) -> transformers.PreTrainedModel:
+    # The base weights are frozen, so bf16 base + fp32 adapter (peft's default) loses nothing
+    # and halves memory; fp16 bases stay fp32 because fp16 weights overflow more easily.
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype,
+            attn_implementation=attention,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(_load_failure("model", cfg, exc)) from None
+    return model
+
+
+def _load_failure(what: str, cfg: ModelConfig, exc: Exception) -> str:
+    local = Path(cfg.name_or_path)
+    hint = (
+        f"the directory {local} exists but holds no loadable {what}"
+        if local.is_dir()
+        else "it is neither a local directory nor a reachable Hugging Face Hub id"
+    )
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"model.nameOrPath={cfg.name_or_path!r}: cannot load the {what}: {hint} ({first}). "
+        "Point model.nameOrPath at a directory made by save_pretrained or at a Hub id (online)."
+    )
+
+
+def build_lora_config(cfg: LoraConfig) -> peft.LoraConfig:
+    """The one place where kubetune's LoRA settings become peft's."""
+    return peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        modules_to_save=cfg.modules_to_save or None,
+        bias=cfg.bias,
+        use_rslora=cfg.use_rslora,
+    )
+
+
+def apply_lora(model: transformers.PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bool) -> Any:
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # With frozen embeddings nothing before the first adapter requires grad; this keeps the graph alive.
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    try:
+        return peft.get_peft_model(model, build_lora_config(cfg))
+    except ValueError as exc:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(
+            f"lora: {exc}. Linear layers in this model: {', '.join(names)}. Set lora.targetModules to some "
+            "of these, or to all-linear."
+        ) from None
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,242 @@
+"""Progress reporting: one record, many sinks.
+
+`ProgressTracker` turns the Trainer's events into `Progress` records and hands each to
+every sink. A sink decides for itself how often to act on them (a terminal bar every
+step, a log line per logging interval, an API patch every few seconds). A sink that
+fails is logged and skipped: reporting never stops training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    step: int
+    total_steps: int
+    epoch: float
+    percent: float
+    eta_seconds: float | None
+    eta: str
+    train_loss: float | None
+    eval_loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    tokens_per_second: float | None
+    samples_per_second: float | None
+    gpu_memory_bytes: int | None
+    last_update_time: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def format_duration(seconds: float | None) -> str:
+    """Short human duration: '45s', '3m20s', '2h05m', '3d04h'; '-' when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def estimate_eta(steps_done: int, steps_left: int, elapsed: float) -> float | None:
+    """Seconds left at the mean pace of the steps this process has run."""
+    if steps_done <= 0 or elapsed <= 0:
+        return None
+    return steps_left * elapsed / steps_done
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Sink(Protocol):
+    def update(self, progress: Progress, event: str | None) -> None:
+        """event: None for a plain step, else 'log', 'eval', 'begin' or 'end'."""
+
+    def close(self) -> None: ...
+
+
+class ProgressTracker(TrainerCallback):
+    """Builds a Progress record at each step and log/eval event and gives it to the sinks."""
+
+    def __init__(self, sinks: list[Sink], samples_per_step: int, window: int = 20) -> None:
+        self.sinks = sinks
+        self.samples_per_step = samples_per_step
+        self._window: deque[tuple[float, int, int]] = deque(maxlen=window)
+        self._start: tuple[float, int] | None = None
+        self.train_loss: float | None = None
+        self.eval_loss: float | None = None
+        self.learning_rate: float | None = None
+        self.grad_norm: float | None = None
+        self.last: Progress | None = None
+
+    # -- Trainer events
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        now = time.monotonic()
+        self._start = (now, state.global_step)
+        self._window.append((now, state.global_step, state.num_input_tokens_seen))
+        self._emit(state, "begin")
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        self._window.append((time.monotonic(), state.global_step, state.num_input_tokens_seen))
+        self._emit(state, None)
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **_: Any
+    ) -> None:
+        logs = logs or {}
+        if "loss" in logs:
+            self.train_loss = float(logs["loss"])
+            self.learning_rate = logs.get("learning_rate", self.learning_rate)
+            self.grad_norm = logs.get("grad_norm", self.grad_norm)
+            self._emit(state, "log")
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict | None = None,
+        **_: Any,
+    ) -> None:
+        if metrics and "eval_loss" in metrics:
+            self.eval_loss = float(metrics["eval_loss"])
+            self._emit(state, "eval")
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        self._emit(state, "end")
+        for sink in self.sinks:
+            sink.close()
+
+    # -- record
+
+    def _emit(self, state: TrainerState, event: str | None) -> None:
+        self.last = self.snapshot(state)
+        for sink in self.sinks:
+            try:
+                sink.update(self.last, event)
+            except Exception:  # a broken sink must not stop training; say so and carry on
+                log.exception("progress sink %s failed", type(sink).__name__)
+
+    def snapshot(self, state: TrainerState) -> Progress:
+        total = max(state.max_steps, 1)
+        step = state.global_step
+        now = time.monotonic()
+        eta_s = None
+        if self._start is not None:
+            eta_s = estimate_eta(step - self._start[1], total - step, now - self._start[0])
+        tokens_s = samples_s = None
+        if len(self._window) >= 2:
+            (t0, s0, k0), (t1, s1, k1) = self._window[0], self._window[-1]
+            if t1 > t0:
+                tokens_s = (k1 - k0) / (t1 - t0)
+                samples_s = (s1 - s0) * self.samples_per_step / (t1 - t0)
+        return Progress(
+            step=step,
+            total_steps=total,
+            epoch=round(float(state.epoch or 0.0), 4),
+            percent=round(100.0 * step / total, 2),
+            eta_seconds=None if eta_s is None else round(eta_s, 1),
+            eta=format_duration(eta_s) if step < total else "0s",
+            train_loss=self.train_loss,
+            eval_loss=self.eval_loss,
+            learning_rate=self.learning_rate,
+            grad_norm=self.grad_norm,
+            tokens_per_second=None if tokens_s is None else round(tokens_s, 1),
+            samples_per_second=None if samples_s is None else round(samples_s, 2),
+            gpu_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            last_update_time=utc_now(),
+        )
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+class TerminalSink:
+    """A tqdm bar on a terminal; one plain log line per logging interval otherwise."""
+
+    def __init__(self, interactive: bool | None = None) -> None:
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self._bar: Any = None
+
+    def update(self, progress: Progress, event: str | None) -> None:
+        if self.interactive:
+            self._update_bar(progress, event)
+        elif event in ("log", "eval"):
+            log.info(self.line(progress, event))
+
+    @staticmethod
+    def line(p: Progress, event: str | None) -> str:
+        if event == "eval":
+            return f"step {p.step}/{p.total_steps} eval_loss {_fmt(p.eval_loss, '.4f')}"
+        return (
+            f"step {p.step}/{p.total_steps} ({p.percent:.0f}%) epoch {p.epoch:.2f} "
+            f"loss {_fmt(p.train_loss, '.4f')} lr {_fmt(p.learning_rate, '.2e')} "
+            f"tok/s {_fmt(p.tokens_per_second, ',.0f')} eta {p.eta}"
+        )
+
+    def _update_bar(self, p: Progress, event: str | None) -> None:
+        from tqdm.auto import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=p.total_steps, initial=p.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self._bar.n = p.step
+        self._bar.set_postfix_str(
+            f"loss {_fmt(p.train_loss, '.4f')} eval {_fmt(p.eval_loss, '.4f')} "
+            f"tok/s {_fmt(p.tokens_per_second, ',.0f')} eta {p.eta}",
+            refresh=True,
+        )
+        if event == "eval":
+            self._bar.write(self.line(p, event))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def write_loss_curves(log_history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Train and validation loss against optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="#1f77b4", linewidth=1.5)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), label="validation loss", color="#d62728", marker="o", linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (cross-entropy, nats per target token)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
