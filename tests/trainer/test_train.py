@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kubetune_trainer.errors import ConfigError
-from kubetune_trainer.train import ValidationTracker, finish, run, setup
+from kubetune_trainer.train import ValidationTracker, finish, run, setup, train
 
 
 def _is_adapter(name: str) -> bool:
@@ -98,17 +98,14 @@ def test_early_stopping_stops_when_validation_stops_improving(make_config):
     assert result.metrics["early_stopped"] is True
 
 
-def _evaluate_sequence(tracker, losses, model=None):
+def _evaluate_sequence(tracker, losses):
     """Feed eval losses at steps 0, 1, 2...; return the step at which training was told to stop."""
     from transformers import TrainerControl, TrainerState
 
     state, control = TrainerState(), TrainerControl()
     for step, loss in enumerate(losses):
         state.global_step = step
-        if model is not None:
-            with torch.no_grad():
-                model.weight.fill_(float(step))
-        tracker.on_evaluate(None, state, control, metrics={"eval_loss": loss}, model=model)
+        tracker.on_evaluate(None, state, control, metrics={"eval_loss": loss})
         if control.should_training_stop:
             return step
     return None
@@ -130,14 +127,37 @@ def test_early_stopping_decisions(losses, patience, min_delta, stop_at, best_ste
     assert tracker.best_step == best_step
 
 
-def test_best_adapter_is_restored():
-    model = torch.nn.Linear(2, 2)
-    tracker = ValidationTracker()
-    _evaluate_sequence(tracker, [3.0, 1.0, 2.0], model=model)
-    assert (tracker.best_step, tracker.best_loss) == (1, 1.0)
-    assert model.weight.eq(2.0).all()
-    tracker.restore(model)
-    assert model.weight.eq(1.0).all()
+def test_a_new_best_asks_for_a_checkpoint_except_at_step_0():
+    from transformers import TrainerControl, TrainerState
+
+    tracker, state = ValidationTracker(), TrainerState()
+    for step, loss, saves in [(0, 3.0, False), (5, 2.0, True), (10, 2.5, False)]:
+        state.global_step, control = step, TrainerControl()
+        tracker.on_evaluate(None, state, control, metrics={"eval_loss": loss})
+        assert control.should_save is saves
+    assert tracker.loss_at(10) == 2.5
+    assert tracker.loss_at(5) is None  # only the latest evaluation is known
+
+
+def test_the_best_adapter_is_restored_from_its_checkpoint(make_config):
+    from safetensors.torch import load_file
+
+    cfg = make_config(
+        **{"training.maxSteps": 8, "checkpoints.everySteps": 4, "checkpoints.keep": 5, "evaluation.evalSteps": 100}
+    )
+    recipe = setup(cfg, sinks=[])
+    metrics = train(recipe)
+    # Pretend the evaluation at step 4 had been the best (the decision itself is tested above).
+    recipe.tracker.best_step, recipe.tracker.best_loss = 4, 0.5
+    result = finish(recipe, metrics)
+    assert result.metrics["restored_best"] is True
+    exported = load_file(str(result.output_dir / "adapter_model.safetensors"))
+    at_step_4 = load_file(str(Path(cfg.checkpoints.dir) / "checkpoint-4" / "adapter_model.safetensors"))
+    at_step_8 = load_file(str(Path(cfg.checkpoints.dir) / "checkpoint-8" / "adapter_model.safetensors"))
+    assert exported.keys() == at_step_4.keys()
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, at_step_4[name])
+    assert any(not torch.equal(exported[n], at_step_8[n]) for n in exported)
 
 
 def test_gradient_accumulation_and_checkpointing_train(make_config):
@@ -190,10 +210,29 @@ def test_bf16_on_cpu_is_refused_with_the_setting_named(make_config):
 
 
 def test_unknown_target_module_lists_the_real_ones(make_config):
-    with pytest.raises(ConfigError, match=r"lora: .*Linear layers in this model: .*q_proj"):
+    with pytest.raises(
+        ConfigError, match=r"model.target_modules: lora.targetModules: .*Linear layers in this model: .*q_proj"
+    ):
         setup(make_config(**{"lora.targetModules": ["attn_qkv"]}), sinks=[])
 
 
 def test_model_path_that_is_not_a_model(make_config, tmp_path):
     with pytest.raises(ConfigError, match=r"model.nameOrPath=.*cannot load the tokenizer"):
         setup(make_config(**{"model.nameOrPath": str(tmp_path)}), sinks=[])
+
+
+def test_high_loss_samples_follow_each_evaluation(make_config):
+    from kubetune_trainer.data import load_splits
+
+    cfg = make_config(**{"training.maxSteps": 6, "evaluation.evalSteps": 2, "evaluation.highLossSamples": 3})
+    result = run(cfg, sinks=[])
+    rows = [json.loads(line) for line in (result.output_dir / "high_loss_samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 2, 2, 4, 4, 4, 6, 6, 6]  # none at step 0: nothing trained yet
+    _, raw = load_splits(cfg.dataset)
+    for step in (2, 4, 6):
+        worst = [r for r in rows if r["step"] == step]
+        assert [r["loss"] for r in worst] == sorted((r["loss"] for r in worst), reverse=True)
+        assert all(0 < r["loss"] < 20 for r in worst)
+        for r in worst:
+            row = raw["train"][r["index"]]
+            assert r["text"] == row["prompt"] + row["completion"] + "<|endoftext|>"

@@ -8,6 +8,7 @@ Heavy imports (torch, transformers) happen inside the commands, so `--help` and
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -26,7 +27,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     from kubetune_trainer.train import run
 
-    run(cfg)
+    run(cfg, expect_gpus=args.expect_gpus)
+    return 0
+
+
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    from kubetune_trainer.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    from kubetune_trainer.model import Hardware
+    from kubetune_trainer.preflight import run_preflight
+
+    report = run_preflight(cfg, hardware=Hardware.detect(), expect_gpus=args.expect_gpus, stage="run").report
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    if report.failed:
+        print(f"kubetune-train: preflight failed: {', '.join(c.name for c in report.failed)}", file=sys.stderr)
+    return report.exit_code()
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from kubetune_trainer.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    from kubetune_trainer.model import Hardware, fetch_model
+    from kubetune_trainer.preflight import run_preflight, write_report
+
+    fetch_model(cfg.model)
+    pf = run_preflight(cfg, hardware=Hardware(cuda=False), expect_gpus=0, stage="prepare")
+    write_report(pf.report, Path(cfg.output.dir) / "preflight.json")
+    log.info("Preflight (data and model):\n%s", pf.report.render())
+    pf.report.raise_if_failed()
+    if not cfg.dataset.prepared_dir:
+        log.warning("dataset.preparedDir is not set: the data was checked but not saved for `run` to reuse")
     return 0
 
 
@@ -46,15 +78,7 @@ def _cmd_fields(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kubetune-train",
-        description="LoRA fine-tuning from one config file, on a laptop or in a kubetune TrainingRun.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, library warnings included")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("run", help="train, evaluate and export an adapter as CONFIG says")
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (the TrainConfig shape; see `kubetune-train fields`)")
     p.add_argument(
         "--set",
@@ -63,7 +87,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a setting, e.g. --set training.learningRate=1e-4 (repeatable; YAML values)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune-train",
+        description="LoRA fine-tuning from one config file, on a laptop or in a kubetune TrainingRun.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, library warnings included")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="train, evaluate and export an adapter as CONFIG says (resumes by default)")
+    add_config_arguments(p)
+    p.add_argument(
+        "--expect-gpus",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fail preflight unless N GPUs are visible (the operator passes the GPUs it requested)",
+    )
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("preflight", help="check config, model, data, disk and GPU without training")
+    add_config_arguments(p)
+    p.add_argument("--expect-gpus", type=int, default=0, metavar="N", help="fail unless N GPUs are visible")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_preflight)
+
+    p = sub.add_parser(
+        "prepare", help="the CPU half of a run: fetch the model, check and tokenize the data into dataset.preparedDir"
+    )
+    add_config_arguments(p)
+    p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser(
         "quickstart", help="build a tiny model and QA data locally, fine-tune it on CPU and show what it learned"
@@ -117,6 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KubetuneError as exc:
         print(f"kubetune-train: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        # A full disk can surface from any writer (the datasets cache, a log, an export).
+        from kubetune_trainer.errors import StorageFullError, disk_full_message
+
+        message = disk_full_message(exc)
+        if message is None:
+            raise
+        print(f"kubetune-train: error: {message}", file=sys.stderr)
+        return StorageFullError.exit_code
     except KeyboardInterrupt:
         print("kubetune-train: interrupted", file=sys.stderr)
         return 130

@@ -106,6 +106,11 @@ class DatasetConfig(_Section):
     max_samples: int | None = Field(
         None, ge=1, description="Use only the first N rows of the training file (quick trials)."
     )
+    prepared_dir: str | None = Field(
+        None,
+        description="Where `kubetune-train prepare` saves the tokenized splits; `run` loads them from there "
+        "when they were made from the same files and settings, and tokenizes afresh otherwise.",
+    )
 
     @model_validator(mode="after")
     def _splits_leave_training_rows(self) -> DatasetConfig:
@@ -149,7 +154,7 @@ class TrainingConfig(_Section):
     gradient_accumulation_steps: int = Field(
         1, ge=1, description="Forward passes per optimizer step; the effective batch is batchSize times this."
     )
-    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of the schedule.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the schedule.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
@@ -174,6 +179,12 @@ class TrainingConfig(_Section):
         True,
         description="Batch samples of similar length together so less compute is spent on padding.",
     )
+    max_non_finite_steps: int = Field(
+        3,
+        ge=1,
+        description="Stop with reason Diverged (exit 4) after this many consecutive steps with a non-finite "
+        "loss. Such steps are skipped, so the weights stay finite.",
+    )
 
 
 class EvaluationConfig(_Section):
@@ -195,10 +206,33 @@ class EvaluationConfig(_Section):
     load_best_at_end: bool = Field(
         True, description="Export the adapter of the evaluation with the lowest validation loss, not the last."
     )
+    high_loss_samples: int = Field(
+        10,
+        ge=0,
+        description="After each evaluation, append the N training samples with the highest loss since the "
+        "previous one to output/high_loss_samples.jsonl; 0 turns this off.",
+    )
 
 
 class CheckpointConfig(_Section):
     dir: str = Field("checkpoints", description="Directory for checkpoints; put it on the run's volume.")
+    every_steps: int | None = Field(None, ge=1, description="Save a checkpoint every N optimizer steps.")
+    every_minutes: float | None = Field(
+        10.0,
+        gt=0,
+        description="Save a checkpoint when this many minutes have passed since the last one (checked after "
+        "each step). With everySteps, whichever comes first.",
+    )
+    keep: int = Field(2, ge=1, description="Newest checkpoints to keep; the one with the best eval loss is kept too.")
+    resume: bool = Field(
+        True, description="Continue from the newest checkpoint in dir that verifies, when there is one."
+    )
+    grace_seconds: float = Field(
+        25.0,
+        gt=0,
+        description="After SIGTERM, save at the next safe point and exit 143 within this many seconds. Keep it "
+        "below the pod's terminationGracePeriodSeconds.",
+    )
 
 
 class OutputConfig(_Section):

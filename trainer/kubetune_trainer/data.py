@@ -14,10 +14,13 @@ by token id, so an EOS stays a target even when the pad token is the EOS token.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,8 @@ class SplitStats:
     tokens: int = 0
     target_tokens: int = 0
     max_length: int = 0
+    p50_length: int = 0
+    p95_length: int = 0
 
 
 @dataclass
@@ -56,11 +61,15 @@ class PreparedData:
     train: datasets.Dataset
     validation: datasets.Dataset | None
     test: datasets.Dataset | None
-    raw: dict[str, datasets.Dataset]
+    raw: dict[str, datasets.Dataset]  # the rows of each non-empty split, before tokenization
     stats: dict[str, SplitStats] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {"format": self.format, **{name: vars(s) for name, s in self.stats.items()}}
+
+    def row_keys(self) -> list[str]:
+        """One string per raw training row, equal for equal rows (for the duplicate check)."""
+        return [json.dumps(row, sort_keys=True, default=str) for row in self.raw["train"]]
 
 
 # --------------------------------------------------------------------------- reading
@@ -355,7 +364,9 @@ def tokenize_chat(
     return inputs, labels
 
 
-def _tokenize_batch(batch: dict[str, list[Any]], *, fmt: str, cfg: DatasetConfig, tokenizer: Any) -> dict:
+def _tokenize_batch(
+    batch: dict[str, list[Any]], indices: list[int], *, fmt: str, cfg: DatasetConfig, tokenizer: Any
+) -> dict:
     if fmt == "prompt_completion":
         inputs, labels = tokenize_prompt_completion(
             batch[cfg.prompt_field], batch[cfg.completion_field], tokenizer, cfg.train_on_prompt
@@ -366,6 +377,7 @@ def _tokenize_batch(batch: dict[str, list[Any]], *, fmt: str, cfg: DatasetConfig
         inputs, labels = tokenize_text(batch[cfg.text_field], tokenizer)
     limit = cfg.max_seq_length
     return {
+        "index": list(indices),
         "input_ids": [ids[:limit] for ids in inputs],
         "labels": [lab[:limit] for lab in labels],
         "length": [min(len(ids), limit) for ids in inputs],
@@ -380,11 +392,13 @@ def tokenize_split(
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             "dataset.format is chat, but the model's tokenizer has no chat template. Use a chat/instruct "
-            "model, add a chat_template to tokenizer_config.json, or convert the data to prompt_completion."
+            "model, add a chat_template to tokenizer_config.json, or convert the data to prompt_completion.",
+            check="model.chat_template",
         )
     tokenized = ds.map(
         _tokenize_batch,
         batched=True,
+        with_indices=True,  # "index" ties a sample back to its row, e.g. in high_loss_samples.jsonl
         remove_columns=ds.column_names,
         fn_kwargs={"fmt": fmt, "cfg": cfg, "tokenizer": tokenizer},
         desc=f"Tokenizing {name}",
@@ -401,6 +415,8 @@ def tokenize_split(
         tokens=int(lengths[keep].sum()),
         target_tokens=int(targets[keep].sum()),
         max_length=int(lengths.max(initial=0)),
+        p50_length=int(np.percentile(lengths[keep], 50)) if len(keep) else 0,
+        p95_length=int(np.percentile(lengths[keep], 95)) if len(keep) else 0,
     )
     if stats.dropped:
         tokenized = tokenized.select(keep.tolist())
@@ -434,10 +450,120 @@ def prepare(cfg: DatasetConfig, tokenizer: Any) -> PreparedData:
             continue
         out[name], stats[name] = tokenize_split(raw[name], fmt, cfg, tokenizer, name)
     assert out["train"] is not None
+    raw = {name: rows for name, rows in raw.items() if len(rows)}
     return PreparedData(fmt, out["train"], out["validation"], out["test"], raw, stats)
 
 
+# --------------------------------------------------------------------------- prepared data on the volume
+
+PREPARED_META = "prepared.json"
+
+
+def data_fingerprint(cfg: DatasetConfig, tokenizer: Any) -> str:
+    """Changes when the files, the data settings or the tokenizer change."""
+    files = []
+    for path in (cfg.path, cfg.validation_path, cfg.test_path):
+        if path:
+            stat = Path(path).stat()
+            files.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+    parts = {
+        "dataset": cfg.model_dump(mode="json", exclude={"prepared_dir"}),
+        "files": files,
+        "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id, tokenizer.chat_template],
+        "layout": 1,  # bump when the tokenized columns change
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_prepared(data: PreparedData, directory: Path, fingerprint: str) -> None:
+    """Write tokenized and raw splits to a sibling directory, then swap it into place."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    splits = {"train": data.train, "validation": data.validation, "test": data.test}
+    datasets.DatasetDict({k: v for k, v in splits.items() if v is not None}).save_to_disk(str(tmp / "tokenized"))
+    # datasets cannot load an empty split back from disk; absent means empty.
+    datasets.DatasetDict({k: v for k, v in data.raw.items() if len(v)}).save_to_disk(str(tmp / "raw"))
+    meta = {"fingerprint": fingerprint, "format": data.format, "stats": {k: vars(v) for k, v in data.stats.items()}}
+    (tmp / PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if directory.exists():
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
+
+
+def load_prepared(directory: Path, fingerprint: str) -> PreparedData | None:
+    """The prepared data in directory if it was made from the same inputs, else None."""
+    meta_path = directory / PREPARED_META
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("fingerprint") != fingerprint:
+        log.info("Prepared data in %s is stale (other files, settings or tokenizer); tokenizing again", directory)
+        return None
+    tokenized = datasets.load_from_disk(str(directory / "tokenized"))
+    raw = datasets.load_from_disk(str(directory / "raw"))
+    stats = {name: SplitStats(**values) for name, values in meta["stats"].items()}
+    return PreparedData(
+        meta["format"],
+        tokenized["train"],
+        tokenized.get("validation"),
+        tokenized.get("test"),
+        dict(raw),
+        stats,
+    )
+
+
+def prepare_or_load(cfg: DatasetConfig, tokenizer: Any) -> PreparedData:
+    """Reuse the prepared data in dataset.preparedDir when it matches; otherwise prepare and save it there."""
+    if not cfg.prepared_dir:
+        return prepare(cfg, tokenizer)
+    directory = Path(cfg.prepared_dir)
+    fingerprint = data_fingerprint(cfg, tokenizer)
+    loaded = load_prepared(directory, fingerprint)
+    if loaded is not None:
+        log.info("Using the prepared data in %s", directory)
+        return loaded
+    data = prepare(cfg, tokenizer)
+    save_prepared(data, directory, fingerprint)
+    log.info("Saved the prepared data to %s", directory)
+    return data
+
+
 # --------------------------------------------------------------------------- batching
+
+
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """Shuffles (or length-groups) with a generator seeded by (seed, epoch).
+
+    transformers' LengthGroupedSampler draws from the global torch RNG when an epoch
+    starts, so a run resumed inside a later epoch would replay a different order and
+    skip the wrong batches. Here every epoch's order is a pure function of the seed.
+    """
+
+    def __init__(self, size: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1) -> None:
+        self.size = size
+        self.seed = seed
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.lengths is not None:
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 @dataclass
@@ -464,4 +590,7 @@ class PaddingCollator:
             input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
             labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if "index" in features[0]:
+            batch["sample_index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+        return batch

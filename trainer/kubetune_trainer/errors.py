@@ -6,34 +6,95 @@ the operator contract (ARCHITECTURE.md, contract 3)::
     │   └── DataError        exit 2   the dataset is unreadable or malformed
     ├── PreflightError       exit 3   a preflight check failed
     ├── DivergedError        exit 4   the loss stopped being finite
+    ├── StorageFullError     exit 5   the checkpoint or output volume is full
     └── Interrupted          exit 143 stopped by SIGTERM after saving a checkpoint
 
 The CLI prints ``str(error)`` and exits with ``error.exit_code``; a user error never
-shows a traceback. Messages say what to change, not only what went wrong.
+shows a traceback. Messages say what to change, not only what went wrong. ``reason``
+is the machine-readable word the operator puts in the TrainingRun's status.
+
+Exit 5 extends the contract: retrying on a full volume cannot succeed and would hold a
+GPU to train up to the next save again, so the Job should fail at once, not retry.
 """
 
 from __future__ import annotations
 
+import errno
+
 
 class KubetuneError(Exception):
     exit_code = 1
+    reason = "Error"
 
 
 class ConfigError(KubetuneError):
     exit_code = 2
+    reason = "InvalidSpec"
+
+    def __init__(self, message: str, *, check: str | None = None) -> None:
+        super().__init__(message)
+        self.check = check  # the preflight check this failure belongs to, when it is one
 
 
 class DataError(ConfigError):
-    pass
+    def __init__(self, message: str, *, check: str = "dataset") -> None:
+        super().__init__(message, check=check)
 
 
 class PreflightError(KubetuneError):
     exit_code = 3
+    reason = "PreflightFailed"
 
 
 class DivergedError(KubetuneError):
     exit_code = 4
+    reason = "Diverged"
+
+
+class StorageFullError(KubetuneError):
+    exit_code = 5
+    reason = "VolumeFull"
 
 
 class Interrupted(KubetuneError):
     exit_code = 143
+    reason = "Interrupted"
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DISK_FULL_TEXT = ("No space left", "Disk quota exceeded", "File too large", "file write failed", "StorageFull")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Writers report a full disk differently (OSError, torch's RuntimeError, safetensors' own error)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(seen) for text in _DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def disk_full_message(exc: BaseException) -> str | None:
+    """A user-facing message if exc means a full disk, else None."""
+    if not is_disk_full(exc):
+        return None
+    where = next(
+        (str(e.filename) for e in _chain(exc) if isinstance(e, OSError) and getattr(e, "filename", None)), None
+    )
+    place = f" writing {where}" if where else ""
+    return (
+        f"a volume is full{place} ({str(exc).strip().splitlines()[0][:160]}). Free space on it or enlarge it "
+        "(the datasets cache lives under HF_HOME or HF_DATASETS_CACHE), then run again."
+    )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain

@@ -77,6 +77,26 @@ def resolve_attention(requested: str, hw: Hardware) -> str:
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def fetch_model(cfg: ModelConfig) -> None:
+    """Download a Hub model into the cache (HF_HOME) so the training Job loads it from disk."""
+    if Path(cfg.name_or_path).is_dir():
+        return
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    if cfg.trust_remote_code:
+        patterns.append("*.py")
+    try:
+        path = snapshot_download(cfg.name_or_path, revision=cfg.revision, allow_patterns=patterns)
+    except Exception as exc:  # network, auth and repository errors come from several libraries
+        raise ConfigError(
+            f"model.nameOrPath={cfg.name_or_path!r}: cannot download it ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}). Check the id and revision, "
+            "the network, and HF_TOKEN for gated models."
+        ) from None
+    log.info("Model %s is in the cache at %s", cfg.name_or_path, path)
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(

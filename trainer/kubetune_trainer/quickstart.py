@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.qa import QATemplate, render_pairs
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,23 @@ def quickstart_config(workdir: Path, max_steps: int) -> dict[str, Any]:
     }
 
 
+MARKER = ".kubetune-quickstart"
+
+
+def claim_workdir(workdir: Path) -> None:
+    """Use workdir for a fresh quickstart: ours from an earlier one is cleared, anything else refused."""
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / MARKER).exists():
+            raise ConfigError(
+                f"--dir {workdir} exists and was not made by `kubetune-train quickstart`; choose another --dir."
+            )
+        print(f"Starting over in {workdir}/ (replacing the earlier quickstart's model, data, checkpoints and output)")
+        for name in ("base-model", "checkpoints", "output"):
+            shutil.rmtree(workdir / name, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("made by kubetune-train quickstart; rerunning it replaces this directory\n")
+
+
 def prepare_workdir(workdir: Path, branches: int, max_steps: int) -> TrainConfig:
     """Write the records, the QA pairs, the base model and the config; return the config."""
     import yaml
@@ -154,10 +172,7 @@ def prepare_workdir(workdir: Path, branches: int, max_steps: int) -> TrainConfig
     random.Random(0).shuffle(pairs)
     with (workdir / "qa.jsonl").open("w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(p) + "\n" for p in pairs)
-    base = workdir / "base-model"
-    if base.exists():  # rebuilt every time so a rerun starts from the same base
-        shutil.rmtree(base)
-    build_tiny_model([p["prompt"] + p["completion"] for p in pairs], base)
+    build_tiny_model([p["prompt"] + p["completion"] for p in pairs], workdir / "base-model")
     raw = quickstart_config(workdir, max_steps)
     (workdir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return TrainConfig.model_validate(raw)
@@ -187,6 +202,7 @@ def main(workdir: Path, *, max_steps: int, branches: int, samples: int) -> int:
     from kubetune_trainer.train import run
 
     started = time.monotonic()
+    claim_workdir(workdir)
     cfg = prepare_workdir(workdir, branches, max_steps)
     _, splits = load_splits(cfg.dataset)
     test = splits["test"]

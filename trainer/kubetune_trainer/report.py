@@ -8,6 +8,7 @@ fails is logged and skipped: reporting never stops training.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -240,3 +241,66 @@ def write_loss_curves(log_history: list[dict[str, Any]], path: Path, title: str)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+@torch.no_grad()
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sample over its target tokens, shape [batch].
+
+    Computed in chunks of positions so the float32 temporaries stay near 128 MB whatever the
+    vocabulary, and without a device sync (fixed chunk sizes, no nonzero()).
+    """
+    batch, length, vocab = logits.shape
+    flat_logits = logits[:, :-1].reshape(-1, vocab)
+    flat_labels = labels[:, 1:].reshape(-1)
+    chunk = max(1, (1 << 25) // vocab)
+    losses = torch.empty(flat_labels.shape[0], device=logits.device, dtype=torch.float32)
+    for start in range(0, flat_labels.shape[0], chunk):
+        end = start + chunk
+        losses[start:end] = torch.nn.functional.cross_entropy(
+            flat_logits[start:end].float(), flat_labels[start:end], ignore_index=ignore_index, reduction="none"
+        )
+    mask = (labels[:, 1:] != ignore_index).float()
+    return (losses.view(batch, length - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class HighLossSamples(TrainerCallback):
+    """Collects per-sample training losses; after each validation, appends the worst k to a JSONL file.
+
+    Losses come from the forward passes training already makes, so this costs no extra
+    pass over the data; each line says which samples the model found hardest lately.
+    """
+
+    def __init__(self, k: int, path: Path, dataset: Any, tokenizer: Any) -> None:
+        self.k = k
+        self.path = path
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self._index: list[torch.Tensor] = []
+        self._loss: list[torch.Tensor] = []
+        self._position: dict[int, int] | None = None
+
+    def observe(self, index: torch.Tensor, losses: torch.Tensor) -> None:
+        self._index.append(index.detach())
+        self._loss.append(losses.detach())
+
+    def on_evaluate(
+        self, args: Any, state: TrainerState, control: TrainerControl, metrics: dict | None = None, **_: Any
+    ) -> None:
+        if metrics and "eval_loss" in metrics and self._loss:
+            self.write(state.global_step)
+
+    def write(self, step: int) -> None:
+        index = torch.cat(self._index).tolist()
+        loss = torch.cat(self._loss).tolist()
+        self._index, self._loss = [], []
+        latest = dict(zip(index, loss, strict=True))  # a sample seen twice keeps its latest loss
+        worst = sorted(latest.items(), key=lambda item: item[1], reverse=True)[: self.k]
+        if self._position is None:
+            self._position = {row: pos for pos, row in enumerate(self.dataset["index"])}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            for row, value in worst:
+                ids = self.dataset[self._position[row]]["input_ids"]
+                text = self.tokenizer.decode(ids, skip_special_tokens=False)
+                fh.write(json.dumps({"step": step, "index": row, "loss": round(value, 5), "text": text}) + "\n")

@@ -1,12 +1,14 @@
-"""The LoRA fine-tuning recipe: setup, train, evaluate, export.
+"""The LoRA fine-tuning recipe: preflight, setup, train, evaluate, export.
 
-Reads top to bottom in `run`: each setup step returns what it built. The loop itself is
-transformers' Trainer; kubetune adds its batching (length-grouped, padded per batch),
-progress reporting, early stopping with restore of the best adapter, and the export.
+Reads top to bottom in `run`. The loop is transformers' Trainer; kubetune adds
+length-grouped batching that resumes exactly, atomic verified checkpoints with resume by
+default, SIGTERM and divergence handling, progress sinks, early stopping with restore of
+the best adapter, and the export.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,22 +22,25 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from kubetune_trainer import checkpoints
+from kubetune_trainer.checkpoints import Checkpoint
 from kubetune_trainer.config import TrainConfig, steps_per_epoch
-from kubetune_trainer.data import PaddingCollator, PreparedData, prepare
-from kubetune_trainer.errors import ConfigError
-from kubetune_trainer.model import (
-    Hardware,
-    apply_lora,
-    load_model,
-    load_tokenizer,
-    parameter_counts,
-    resolve_attention,
-    resolve_precision,
+from kubetune_trainer.data import EpochSeededSampler, PaddingCollator, PreparedData
+from kubetune_trainer.errors import ConfigError, DivergedError, Interrupted, StorageFullError, is_disk_full
+from kubetune_trainer.guards import DivergenceGuard, EvaluationAbandoned, RunControl, StopRequest
+from kubetune_trainer.model import Hardware, apply_lora, load_model, parameter_counts
+from kubetune_trainer.preflight import Preflight, run_preflight, write_report
+from kubetune_trainer.report import (
+    HighLossSamples,
+    ProgressTracker,
+    Sink,
+    TerminalSink,
+    per_sample_loss,
+    write_loss_curves,
 )
-from kubetune_trainer.report import ProgressTracker, Sink, TerminalSink, write_loss_curves
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +68,28 @@ def eval_interval(cfg: TrainConfig, steps: int) -> int:
     return cfg.evaluation.eval_steps or max(1, steps // 10)
 
 
-def training_arguments(cfg: TrainConfig, *, precision: str, steps: int, has_validation: bool) -> TrainingArguments:
+def run_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint depends on. Others (learning rate, steps, evaluation) may change on resume."""
+    return {
+        "model": cfg.model.model_dump(mode="json", include={"name_or_path", "revision"}),
+        "lora": cfg.lora.model_dump(mode="json"),
+        "dataset": cfg.dataset.model_dump(mode="json", exclude={"prepared_dir"}),
+        "training": cfg.training.model_dump(
+            mode="json", include={"batch_size", "gradient_accumulation_steps", "seed", "group_by_length"}
+        ),
+    }
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def training_arguments(
+    cfg: TrainConfig, *, precision: str, steps: int, has_validation: bool, fresh: bool
+) -> TrainingArguments:
     t, e = cfg.training, cfg.evaluation
     return TrainingArguments(
-        output_dir=cfg.checkpoints.dir,
+        output_dir=str(Path(cfg.checkpoints.dir) / checkpoints.STAGING),  # committed from there by on_save
         num_train_epochs=t.epochs,
         max_steps=t.max_steps if t.max_steps is not None else -1,
         per_device_train_batch_size=t.batch_size,
@@ -82,34 +105,63 @@ def training_arguments(cfg: TrainConfig, *, precision: str, steps: int, has_vali
         use_cpu=not torch.cuda.is_available(),
         seed=t.seed,
         data_seed=t.seed,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="length",
         remove_unused_columns=False,  # the collator picks its fields; the sampler needs "length"
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_validation else "no",
-        eval_on_start=has_validation,  # the curve starts at the untrained adapter
+        eval_on_start=has_validation and fresh,  # the curve starts at the untrained adapter
         eval_steps=eval_interval(cfg, steps) if has_validation else None,
-        save_strategy="no",
+        save_strategy="no",  # RunControl decides when to save; Trainer only writes
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # log a NaN as NaN; DivergenceGuard handles it
         dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
-def known_final_eval_loss(
-    history: list[dict[str, Any]], final_step: int, best: ValidationTracker, restored_best: bool
-) -> float | None:
-    """The validation loss of the exported weights if an evaluation already measured it."""
-    if restored_best:
-        return best.best_loss
-    last = next((h for h in reversed(history) if "eval_loss" in h), None)
-    return last["eval_loss"] if last is not None and last.get("step") == final_step else None
+# --------------------------------------------------------------------------- Trainer and callbacks
 
 
-# --------------------------------------------------------------------------- callbacks
+class KubetuneTrainer(Trainer):
+    """transformers' Trainer with the two seams it offers as methods filled in:
+    the training sampler (resumable length grouping) and the loss (watched every step)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        guard: DivergenceGuard,
+        sample_losses: HighLossSamples | None,
+        group_by_length: bool,
+        **kwargs: Any,
+    ) -> None:
+        self.guard = guard
+        self.sample_losses = sample_losses
+        self.group_by_length = group_by_length
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        grouped = self.group_by_length and self.args.length_column_name in dataset.column_names
+        return EpochSeededSampler(
+            len(dataset),
+            seed=self.args.seed,
+            lengths=list(dataset[self.args.length_column_name]) if grouped else None,
+            batch_size=self.args.train_batch_size * self.args.gradient_accumulation_steps,
+        )
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        index = inputs.pop("sample_index", None)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self.guard.observe(loss)
+            if self.sample_losses is not None and index is not None:
+                self.sample_losses.observe(index, per_sample_loss(outputs.logits.detach(), inputs["labels"]))
+        return (loss, outputs) if return_outputs else loss
 
 
 def is_improvement(loss: float, best: float, min_delta: float) -> bool:
@@ -117,12 +169,12 @@ def is_improvement(loss: float, best: float, min_delta: float) -> bool:
     return loss < best - min_delta
 
 
-class ValidationTracker(TrainerCallback, ExportableState):
-    """Best validation loss, early stopping, and a CPU copy of the best adapter.
+class ValidationTracker(TrainerCallback):
+    """Best validation loss and early stopping; asks for a checkpoint at every new best.
 
-    transformers' EarlyStoppingCallback is not used: it ignores the evaluation at step 0,
-    and it expects load_best_model_at_end, which ties it to Trainer's own checkpoints.
-    Only trainable weights (the adapter, megabytes) are copied.
+    transformers' EarlyStoppingCallback is not used: it ignores the evaluation at step 0 and
+    expects load_best_model_at_end, which ties it to Trainer's own (non-atomic) checkpoints.
+    The best adapter is restored from its checkpoint, so it survives a restart.
     """
 
     def __init__(self, patience: int | None = None, min_delta: float = 0.0) -> None:
@@ -131,20 +183,17 @@ class ValidationTracker(TrainerCallback, ExportableState):
         self.best_loss = math.inf
         self.best_step: int | None = None
         self.bad_evaluations = 0
-        self._weights: dict[str, torch.Tensor] | None = None
+        self.last: tuple[int, float] | None = None
 
-    def on_evaluate(
-        self, args: Any, state: Any, control: Any, metrics: dict | None = None, model: Any = None, **_: Any
-    ) -> None:
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **_: Any) -> None:
         loss = (metrics or {}).get("eval_loss")  # test-split evaluations report test_loss: not ours
         if loss is None:
             return
+        self.last = (state.global_step, float(loss))
         if is_improvement(loss, self.best_loss, self.min_delta):
             self.best_loss, self.best_step, self.bad_evaluations = float(loss), state.global_step, 0
-            if model is not None:
-                self._weights = {
-                    n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad
-                }
+            if state.global_step > 0:
+                control.should_save = True  # keep the best adapter on disk
             return
         self.bad_evaluations += 1
         if self.patience is not None and self.bad_evaluations >= self.patience:
@@ -156,24 +205,89 @@ class ValidationTracker(TrainerCallback, ExportableState):
                 self.bad_evaluations,
             )
             control.should_training_stop = True
+            control.should_save = True
 
-    def restore(self, model: torch.nn.Module) -> None:
-        if self._weights is None:
-            return
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in self._weights:
-                    param.copy_(self._weights[name])
+    def loss_at(self, step: int) -> float | None:
+        return self.last[1] if self.last is not None and self.last[0] == step else None
 
     def state(self) -> dict[str, Any]:
-        return {
-            "args": {"patience": self.patience, "min_delta": self.min_delta},
-            "attributes": {
-                "best_loss": self.best_loss,
-                "best_step": self.best_step,
-                "bad_evaluations": self.bad_evaluations,
-            },
-        }
+        return {"best_loss": self.best_loss, "best_step": self.best_step, "bad_evaluations": self.bad_evaluations}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.best_loss = float(state.get("best_loss", math.inf))
+        self.best_step = state.get("best_step")
+        self.bad_evaluations = int(state.get("bad_evaluations", 0))
+
+
+class CheckpointCommitter(TrainerCallback):
+    """Seals each checkpoint Trainer writes to staging, then prunes old ones."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        existing: list[Checkpoint],
+        tracker: ValidationTracker,
+        stop: StopRequest,
+        identity: dict[str, Any],
+    ) -> None:
+        self.root = Path(cfg.checkpoints.dir)
+        self.keep = cfg.checkpoints.keep
+        self.checkpoints = list(existing)
+        self.tracker = tracker
+        self.stop = stop
+        self.identity = identity
+        self.fingerprint = fingerprint(identity)
+
+    @property
+    def latest(self) -> Checkpoint | None:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+    def on_save(self, args: Any, state: TrainerState, control: Any, **_: Any) -> None:
+        self.commit(state, complete=bool(control.should_training_stop) and not self.stop.requested)
+
+    def commit(self, state: TrainerState, *, complete: bool) -> Checkpoint:
+        step = state.global_step
+        staging = self.root / checkpoints.STAGING / checkpoints.checkpoint_name(step)
+        checkpoint = checkpoints.commit(
+            staging,
+            self.root,
+            step=step,
+            epoch=float(state.epoch or 0.0),
+            eval_loss=self.tracker.loss_at(step),
+            fingerprint=self.fingerprint,
+            state={"validation": self.tracker.state(), "complete": complete, "identity": self.identity},
+        )
+        self.checkpoints = [c for c in self.checkpoints if c.step != step] + [checkpoint]
+        self.checkpoints = checkpoints.prune(self.checkpoints, self.keep)
+        size = checkpoints.size_bytes(checkpoint.path)
+        log.info("Saved %s, %.1f MB", checkpoints.describe(checkpoint), size / 1e6)
+        return checkpoint
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def find_resume(cfg: TrainConfig, identity: dict[str, Any]) -> tuple[list[Checkpoint], Checkpoint | None]:
+    """Complete checkpoints of this run, and the one to resume from; refuse another run's."""
+    root = Path(cfg.checkpoints.dir)
+    found = checkpoints.scan(root)
+    if not found:
+        return [], None
+    if not cfg.checkpoints.resume:
+        raise ConfigError(
+            f"checkpoints.dir={root} holds {len(found)} checkpoint(s) but checkpoints.resume is false. Move them "
+            "away or choose another checkpoints.dir; kubetune does not overwrite checkpoints."
+        )
+    newest = found[-1]
+    if newest.fingerprint != fingerprint(identity):
+        theirs = checkpoints.read_state(newest).get("identity", {})
+        differ = sorted(k for k in identity if theirs.get(k) != identity[k]) or ["(unknown)"]
+        raise ConfigError(
+            f"checkpoints.dir={root} holds checkpoints of a different run ({', '.join(differ)} settings differ "
+            f"from {newest.name}). Use another checkpoints.dir for this config, or restore those settings to "
+            "resume that run."
+        )
+    return found, newest
 
 
 # --------------------------------------------------------------------------- output
@@ -207,9 +321,10 @@ def export(
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        (staging / "log_history.json").write_text(json.dumps(log_history, indent=1) + "\n", encoding="utf-8")
-        write_loss_curves(log_history, staging / "loss_curves.png", title=f"{Path(cfg.model.name_or_path).name} LoRA")
+        (staging / "metrics.json").write_text(_json(metrics, indent=2), encoding="utf-8")
+        (staging / "log_history.json").write_text(_json(log_history, indent=1), encoding="utf-8")
+        title = f"{Path(cfg.model.name_or_path).name} LoRA"
+        write_loss_curves(log_history, staging / "loss_curves.png", title=title)
         mode = 0o666 & ~_umask()  # some writers use 0600; a serving pod may run as another user
         for item in sorted(staging.iterdir()):
             target = out / item.name
@@ -219,6 +334,21 @@ def export(
             else:
                 item.chmod(mode)
             os.replace(item, target)
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or Infinity: write null for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def _json(value: Any, indent: int) -> str:
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False) + "\n"
 
 
 def _umask() -> int:
@@ -232,81 +362,207 @@ def _umask() -> int:
 
 @dataclass
 class Recipe:
-    """Everything `setup` built; `finish` turns a trained Recipe into exported results."""
+    """Everything `setup` built. `train` runs it, `finish` evaluates and exports."""
 
     cfg: TrainConfig
-    hardware: Hardware
-    precision: str
-    attention: str
-    tokenizer: Any
-    data: PreparedData
+    preflight: Preflight
     model: Any
-    trainer: Trainer
-    best: ValidationTracker
+    trainer: KubetuneTrainer
+    tracker: ValidationTracker
+    committer: CheckpointCommitter
+    stop: StopRequest
+    guard: DivergenceGuard
+    resume_from: Checkpoint | None
     started: float
 
+    @property
+    def data(self) -> PreparedData:
+        return self.preflight.data
 
-def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None) -> Recipe:
-    """Load tokenizer, data and model, wrap the model with LoRA, and build the Trainer."""
+    @property
+    def tokenizer(self) -> Any:
+        return self.preflight.tokenizer
+
+
+def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int = 0) -> Recipe:
+    """Preflight, then the model with its adapter and the Trainer, ready to start or resume."""
     started = time.monotonic()
-    check_output_dir(Path(cfg.output.dir), cfg)
+    out = Path(cfg.output.dir)
+    check_output_dir(out, cfg)
+    identity = run_identity(cfg)
+    existing, resume_from = find_resume(cfg, identity)
 
     hw = Hardware.detect()
-    precision = resolve_precision(cfg.training.precision, hw)
-    attention = resolve_attention(cfg.model.attn_implementation, hw)
+    pf = run_preflight(cfg, hardware=hw, expect_gpus=expect_gpus, stage="run")
+    write_report(pf.report, out / "preflight.json")
+    log.info("Preflight:\n%s", pf.report.render())
+    pf.report.raise_if_failed()
     transformers.set_seed(cfg.training.seed)
-    log.info("Device %s, precision %s, attention %s", hw.device_name, precision, attention)
+    data = pf.data
 
-    tokenizer = load_tokenizer(cfg.model)
-    data = prepare(cfg.dataset, tokenizer)
-    log.info("Data (%s): %s", data.format, _split_summary(data))
-
-    model = load_model(cfg.model, precision, attention)
+    model = load_model(cfg.model, pf.precision, pf.attention)
     model = apply_lora(model, cfg.lora, cfg.training.gradient_checkpointing)
     trainable, total = parameter_counts(model)
     log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     steps = total_steps(cfg, len(data.train))
     has_validation = data.validation is not None
-    best = ValidationTracker(cfg.evaluation.early_stopping_patience, cfg.evaluation.early_stopping_min_delta)
+    stop = StopRequest(cfg.checkpoints.grace_seconds)
+    guard = DivergenceGuard(cfg.training.max_non_finite_steps, skip_update=pf.precision != "fp16")
+    tracker = ValidationTracker(cfg.evaluation.early_stopping_patience, cfg.evaluation.early_stopping_min_delta)
+    if resume_from is not None:
+        tracker.load_state(checkpoints.read_state(resume_from).get("validation", {}))
+    committer = CheckpointCommitter(cfg, existing, tracker, stop, identity)
+    samples = (
+        HighLossSamples(cfg.evaluation.high_loss_samples, out / "high_loss_samples.jsonl", data.train, pf.tokenizer)
+        if cfg.evaluation.high_loss_samples and has_validation
+        else None
+    )
     callbacks: list[TrainerCallback] = [
+        RunControl(stop, guard, cfg.checkpoints.every_steps, cfg.checkpoints.every_minutes),
+        tracker,
+        committer,
         ProgressTracker(
             sinks if sinks is not None else [TerminalSink()],
             samples_per_step=cfg.training.batch_size * cfg.training.gradient_accumulation_steps,
-        )
+        ),
     ]
-    if has_validation:
-        callbacks.append(best)
-    trainer = Trainer(
+    if samples is not None:
+        callbacks.append(samples)
+    trainer = KubetuneTrainer(
         model=model,
-        args=training_arguments(cfg, precision=precision, steps=steps, has_validation=has_validation),
+        args=training_arguments(
+            cfg, precision=pf.precision, steps=steps, has_validation=has_validation, fresh=resume_from is None
+        ),
         train_dataset=data.train,
         eval_dataset=data.validation,
-        data_collator=PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if hw.cuda else None),
-        processing_class=tokenizer,
+        data_collator=PaddingCollator(pf.tokenizer.pad_token_id, pad_to_multiple_of=8 if hw.cuda else None),
+        processing_class=pf.tokenizer,
         callbacks=callbacks,
+        guard=guard,
+        sample_losses=samples,
+        group_by_length=cfg.training.group_by_length,
     )
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)
-    return Recipe(cfg, hw, precision, attention, tokenizer, data, model, trainer, best, started)
+    return Recipe(cfg, pf, model, trainer, tracker, committer, stop, guard, resume_from, started)
+
+
+def train(recipe: Recipe) -> dict[str, float]:
+    """Train (or resume) to the end; SIGTERM, divergence and a full disk end it with their own error."""
+    trainer, stop, resume = recipe.trainer, recipe.stop, recipe.resume_from
+    if resume is not None and checkpoints.read_state(resume).get("complete"):
+        log.info("%s finished training; evaluating and exporting it", checkpoints.describe(resume))
+        _load_checkpoint_weights(recipe.model, resume)
+        trainer.state = TrainerState.load_from_json(str(resume.path / "trainer_state.json"))
+        return {}
+    if resume is not None:
+        log.info("Resuming from %s", checkpoints.describe(resume))
+    stop.install()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    except EvaluationAbandoned:
+        # Weights, optimizer and data position are those of the last finished step: save them.
+        if trainer.state.global_step > 0:
+            trainer._save_checkpoint(trainer.model, trial=None)
+            recipe.committer.commit(trainer.state, complete=False)
+        raise _interrupted(recipe) from None
+    except Exception as exc:
+        if is_disk_full(exc) or _save_failed_for_space(recipe):
+            raise _disk_full(recipe, exc) from None
+        raise
+    finally:
+        stop.uninstall()
+    if recipe.guard.diverged_at is not None:
+        raise _diverged(recipe)
+    if stop.requested:
+        raise _interrupted(recipe)
+    return output.metrics
+
+
+def _interrupted(recipe: Recipe) -> Interrupted:
+    latest = recipe.committer.latest
+    where = f"; {checkpoints.describe(latest)} is the newest checkpoint" if latest else "; no checkpoint yet"
+    stop = recipe.stop
+    error = Interrupted(
+        f"Stopped by {stop.signal.name if stop.signal else 'a signal'} at step {recipe.trainer.state.global_step}"
+        f"{where}. Run again to resume."
+    )
+    error.exit_code = stop.exit_code
+    return error
+
+
+def _diverged(recipe: Recipe) -> DivergedError:
+    cfg = recipe.cfg
+    latest = recipe.committer.latest
+    keep = f"The newest checkpoint, {checkpoints.describe(latest)}, is kept. " if latest else ""
+    return DivergedError(
+        f"Training diverged: the loss was not finite for {cfg.training.max_non_finite_steps} steps in a row "
+        f"(at step {recipe.guard.diverged_at}). {keep}Lower training.learningRate (now "
+        f"{cfg.training.learning_rate:g}), check the data, or use precision bf16/fp32 instead of fp16."
+    )
+
+
+def _save_failed_for_space(recipe: Recipe) -> bool:
+    """After an error: was a checkpoint being written, and is the volume out of room for one?"""
+    staging = Path(recipe.cfg.checkpoints.dir) / checkpoints.STAGING
+    if not staging.is_dir():
+        return False
+    latest = recipe.committer.latest
+    largest = max((f.stat().st_size for f in latest.path.iterdir() if f.is_file()), default=0) if latest else 0
+    return checkpoints.lacks_space(staging, largest or 64 << 20)
+
+
+def _disk_full(recipe: Recipe, exc: BaseException) -> StorageFullError:
+    root = Path(recipe.cfg.checkpoints.dir)
+    staging = root / checkpoints.STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # our own half-written save: free its space
+    free = shutil.disk_usage(root).free if root.exists() else 0
+    latest = recipe.committer.latest
+    intact = f"{checkpoints.describe(latest)} and older checkpoints are intact" if latest else "no checkpoint existed"
+    return StorageFullError(
+        f"checkpoints.dir={root}: the volume is full while saving step {recipe.trainer.state.global_step} "
+        f"({str(exc).strip().splitlines()[0][:160]}; {free / 2**20:,.0f} MiB free). {intact}. Free space, "
+        "lower checkpoints.keep, or enlarge the volume, then run again to resume."
+    )
+
+
+def _load_checkpoint_weights(model: Any, checkpoint: Checkpoint) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint.path / ADAPTER_FILES[1])))
 
 
 def finish(recipe: Recipe, train_metrics: dict[str, float]) -> RunResult:
     """After training: restore the best adapter, take the final losses, export everything."""
-    cfg, trainer, best, data = recipe.cfg, recipe.trainer, recipe.best, recipe.data
+    cfg, trainer, tracker, data = recipe.cfg, recipe.trainer, recipe.tracker, recipe.data
     history = list(trainer.state.log_history)
     final_step = trainer.state.global_step
 
     restored_best = False
-    if cfg.evaluation.load_best_at_end and best.best_step is not None and best.best_step != final_step:
-        best.restore(recipe.model)
-        restored_best = True
-        log.info("Restored the adapter of step %d (validation loss %.4f)", best.best_step, best.best_loss)
+    if cfg.evaluation.load_best_at_end and tracker.best_step == 0 and final_step > 0:
+        log.warning("The validation loss never improved on the untrained adapter; exporting the last one anyway")
+    elif cfg.evaluation.load_best_at_end and tracker.best_step not in (None, 0, final_step):
+        best = next((c for c in recipe.committer.checkpoints if c.step == tracker.best_step), None)
+        if best is None:
+            log.warning(
+                "The checkpoint of the best evaluation (step %s) is gone; exporting the last adapter", tracker.best_step
+            )
+        else:
+            _load_checkpoint_weights(recipe.model, best)
+            restored_best = True
+            log.info("Restored the adapter of %s", checkpoints.describe(best))
 
     final: dict[str, float] = {}
     if data.validation is not None:
-        known = known_final_eval_loss(history, final_step, best, restored_best)
-        final.update({"eval_loss": known} if known is not None else trainer.evaluate(data.validation))
+        last = next((h for h in reversed(history) if "eval_loss" in h), None)
+        if restored_best:
+            final["eval_loss"] = tracker.best_loss
+        elif last is not None and last.get("step") == final_step:
+            final["eval_loss"] = last["eval_loss"]
+        else:
+            final.update(trainer.evaluate(data.validation))
     if data.test is not None:
         final.update(trainer.evaluate(data.test, metric_key_prefix="test"))
 
@@ -314,6 +570,7 @@ def finish(recipe: Recipe, train_metrics: dict[str, float]) -> RunResult:
     train_losses = [h["loss"] for h in history if "loss" in h]
     runtime = train_metrics.get("train_runtime") or 0.0
     state = trainer.state
+    pf = recipe.preflight
     metrics = {
         "global_step": final_step,
         "max_steps": state.max_steps,
@@ -323,19 +580,24 @@ def finish(recipe: Recipe, train_metrics: dict[str, float]) -> RunResult:
         "train_loss_mean": train_metrics.get("train_loss"),
         "eval_loss": final.get("eval_loss"),
         "test_loss": final.get("test_loss"),
-        "best_eval_loss": None if best.best_step is None else best.best_loss,
-        "best_step": best.best_step,
+        "best_eval_loss": None if tracker.best_step is None else tracker.best_loss,
+        "best_step": tracker.best_step,
         "restored_best": restored_best,
         "early_stopped": final_step < state.max_steps,
+        "resumed_from_step": recipe.resume_from.step if recipe.resume_from else None,
         "train_runtime_seconds": round(runtime, 3),
         "wall_seconds": round(time.monotonic() - recipe.started, 3),
         "train_tokens": int(state.num_input_tokens_seen),
-        "tokens_per_second": round(state.num_input_tokens_seen / runtime, 1) if runtime else None,
+        "tokens_per_second": round(
+            (state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)) / runtime, 1
+        )
+        if runtime
+        else None,
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "precision": recipe.precision,
-        "attention": recipe.attention,
-        "device": recipe.hardware.device_name,
+        "precision": pf.precision,
+        "attention": pf.attention,
+        "device": pf.hardware.device_name,
         "data": data.summary(),
     }
     out = Path(cfg.output.dir)
@@ -344,17 +606,7 @@ def finish(recipe: Recipe, train_metrics: dict[str, float]) -> RunResult:
     return RunResult(out, metrics, history)
 
 
-def run(cfg: TrainConfig, *, sinks: list[Sink] | None = None) -> RunResult:
+def run(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int = 0) -> RunResult:
     """Fine-tune cfg.model with LoRA on cfg.dataset and export the adapter to cfg.output.dir."""
-    recipe = setup(cfg, sinks=sinks)
-    train_output = recipe.trainer.train()
-    return finish(recipe, train_output.metrics)
-
-
-def _split_summary(data: PreparedData) -> str:
-    parts = []
-    for name, s in data.stats.items():
-        extra = f", {s.truncated} truncated" if s.truncated else ""
-        extra += f", {s.dropped} dropped" if s.dropped else ""
-        parts.append(f"{name} {s.rows} rows / {s.tokens:,} tokens{extra}")
-    return "; ".join(parts)
+    recipe = setup(cfg, sinks=sinks, expect_gpus=expect_gpus)
+    return finish(recipe, train(recipe))

@@ -1,0 +1,301 @@
+"""Preemption, crashes and full disks, with real processes and real signals.
+
+Every interrupted run is resumed by running the same command again, and must end with
+the same per-step training losses as an uninterrupted run of the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kubetune_trainer import checkpoints
+from tests.conftest import write_jsonl
+
+STEPS = 40
+
+
+class Trainer:
+    """`kubetune-train run` as a child process whose log lines can be waited for."""
+
+    def __init__(self, config: Path, env: dict | None = None, preexec=None) -> None:
+        script = Path(sys.executable).with_name("kubetune-train")
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "kubetune_trainer.cli"]
+        self.proc = subprocess.Popen(
+            [*command, "run", str(config)],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            preexec_fn=preexec,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"exited before {pattern!r}:\n{''.join(self.lines[-40:])}")
+            self.lines.append(line)
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"no {pattern!r} within {timeout}s:\n{''.join(self.lines[-40:])}")
+
+    def finish(self, timeout: float = 180) -> tuple[int, str]:
+        rc = self.proc.wait(timeout=timeout)
+        while (line := self._queue.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return rc, "".join(self.lines)
+
+
+def run_to_end(config: Path, **kwargs) -> str:
+    rc, log = Trainer(config, **kwargs).finish()
+    assert rc == 0, log[-4000:]
+    return log
+
+
+def interrupt(config: Path, at: str, sig: signal.Signals = signal.SIGTERM, code: int = 143) -> tuple[int, str]:
+    """Run until a log line matches `at`, send `sig`, expect exit `code`; return the step it stopped at."""
+    trainer = Trainer(config)
+    trainer.wait_for(at)
+    trainer.proc.send_signal(sig)
+    rc, log = trainer.finish()
+    assert rc == code, log[-3000:]
+    return int(re.search(rf"Stopped by {sig.name} at step (\d+)", log).group(1)), log
+
+
+def losses(out: Path) -> dict[int, float]:
+    history = json.loads((out / "log_history.json").read_text())
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def assert_same_losses(out: Path, reference: dict[int, float]) -> None:
+    got = losses(out)
+    assert sorted(got) == sorted(reference) == list(range(1, STEPS + 1))
+    steps = sorted(reference)
+    torch.testing.assert_close(torch.tensor([got[s] for s in steps]), torch.tensor([reference[s] for s in steps]))
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory, tiny_model, qa_rows):
+    """Data and a config template: 4 epochs, dropout on (RNG matters), long evaluations."""
+    from kubetune_trainer.qa import render_pairs
+    from kubetune_trainer.quickstart import BRANCH_TEMPLATES, branch_records
+
+    root = tmp_path_factory.mktemp("resume")
+    train = write_jsonl(root / "train.jsonl", qa_rows)
+    # 300 validation rows evaluated one at a time: an evaluation lasts long enough to be interrupted.
+    validation = write_jsonl(root / "validation.jsonl", render_pairs(branch_records(75, seed=9), BRANCH_TEMPLATES))
+
+    def config(name: str, **overrides) -> Path:
+        work = root / name
+        raw = {
+            "model": {"nameOrPath": str(tiny_model)},
+            "dataset": {"path": str(train), "validationPath": str(validation), "testSplit": 0, "maxSeqLength": 64},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+            "training": {"maxSteps": STEPS, "batchSize": 8, "learningRate": 3e-3, "loggingSteps": 1},
+            "evaluation": {"evalSteps": 10, "batchSize": 1, "highLossSamples": 0},
+            "checkpoints": {"dir": str(work / "checkpoints"), "keep": 5},
+            "output": {"dir": str(work / "output")},
+        }
+        for key, value in overrides.items():
+            section, field = key.split(".")
+            raw[section][field] = value
+        work.mkdir()
+        (work / "run.yaml").write_text(yaml.safe_dump(raw))
+        return work / "run.yaml"
+
+    return config
+
+
+@pytest.fixture(scope="module")
+def reference(run_files) -> dict[int, float]:
+    config = run_files("reference")
+    run_to_end(config)
+    return losses(config.parent / "output")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_mid_training_saves_exits_and_resumes_exactly(run_files, reference, sig, code):
+    config = run_files(f"signal-{sig.name}")
+    stopped, _ = interrupt(config, r"step 1[3-6]/40 \(", sig, code)  # inside the second epoch
+    assert 13 <= stopped < STEPS
+    assert (config.parent / "checkpoints" / f"checkpoint-{stopped}" / "manifest.json").is_file()
+
+    log = run_to_end(config)
+    assert f"Resuming from checkpoint-{stopped} (step {stopped}" in log
+    assert_same_losses(config.parent / "output", reference)
+
+
+def test_sigterm_during_evaluation_abandons_it_saves_and_resumes_exactly(run_files, reference):
+    config = run_files("sigterm-eval")
+    stopped, log = interrupt(config, r"step 20: evaluating")
+    assert stopped == 20
+    assert "SIGTERM during the evaluation at step 20" in log
+    assert "Saved checkpoint-20" in log
+
+    log = run_to_end(config)
+    assert "Resuming from checkpoint-20 (step 20" in log
+    assert_same_losses(config.parent / "output", reference)
+
+
+def test_kill_9_in_the_middle_of_a_save_leaves_the_previous_checkpoint_usable(run_files, reference, tmp_path):
+    config = run_files("kill-9")
+    ckpt = config.parent / "checkpoints"
+    stopped, _ = interrupt(config, r"step 1[3-6]/40 \(")
+
+    marker = tmp_path / "paused"
+    second = Trainer(config, env={checkpoints.PAUSE_HOOK_ENV: str(marker)})
+    deadline = time.monotonic() + 120
+    while not marker.exists():  # the hook pauses after the files are written, before the manifest
+        assert time.monotonic() < deadline and second.proc.poll() is None, "the save never paused"
+        time.sleep(0.05)
+    second.proc.kill()
+    second.finish()
+    half_written = ckpt / checkpoints.STAGING / f"checkpoint-{marker.read_text()}"
+    assert (half_written / "adapter_model.safetensors").exists()
+    assert not (half_written / "manifest.json").exists()
+
+    log = run_to_end(config)
+    assert "an interrupted save left it in .staging" in log
+    assert f"Resuming from checkpoint-{stopped} (step {stopped}" in log
+    (aside,) = (ckpt / checkpoints.SET_ASIDE).iterdir()
+    assert (aside / "adapter_model.safetensors").exists(), "set aside, not deleted"
+    assert_same_losses(config.parent / "output", reference)
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_one_before_is_used(run_files, reference):
+    config = run_files("corrupt", **{"checkpoints.everySteps": 10})
+    stopped, _ = interrupt(config, r"step 2[3-6]/40 \(")
+    newest = config.parent / "checkpoints" / f"checkpoint-{stopped}" / "adapter_model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated weights
+
+    log = run_to_end(config)
+    assert "adapter_model.safetensors is 1000 bytes" in log
+    assert "Resuming from checkpoint-20 (step 20" in log
+    assert_same_losses(config.parent / "output", reference)
+
+
+def _checkpoint_bytes(run_files) -> int:
+    probe = run_files("probe-size", **{"training.maxSteps": 1, "training.warmupRatio": 0})
+    run_to_end(probe)
+    (ckpt,) = checkpoints.scan(probe.parent / "checkpoints")
+    return checkpoints.size_bytes(ckpt.path)
+
+
+def test_a_full_volume_fails_clearly_and_keeps_earlier_checkpoints(run_files, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; test_file_size_limit covers the same path")
+    size = _checkpoint_bytes(run_files)
+    mount = tmp_path / "small-volume"
+    mount.mkdir()
+    # Room for two or three checkpoints (keep: 5 prunes nothing), not for the eight of the run.
+    kib = int(size * 3.5) // 1024
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mount)], check=False).returncode:
+        pytest.skip("mount -t tmpfs is not permitted here")
+    try:
+        config = run_files("disk-full", **{"checkpoints.everySteps": 5})
+        cfg = yaml.safe_load(config.read_text())
+        cfg["checkpoints"]["dir"] = str(mount)
+        config.write_text(yaml.safe_dump(cfg))
+        rc, log = Trainer(config).finish()
+        assert rc == 5, log[-3000:]
+        assert f"checkpoints.dir={mount}: the volume is full while saving step" in log
+        assert "Traceback" not in log
+        kept = checkpoints.scan(mount)
+        assert 2 <= len(kept) <= 3
+        assert f"{kept[-1].name} (step {kept[-1].step}" in log
+        assert "and older checkpoints are intact" in log
+        assert not (mount / checkpoints.STAGING).exists(), "the half-written save is cleaned up"
+        assert not (mount / checkpoints.SET_ASIDE).exists()
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_file_size_limit_while_saving_fails_clearly(run_files):
+    """The same failure through RLIMIT_FSIZE (EFBIG), which needs no privileges."""
+    # The prepared data is saved by the first run and loaded by the second, which then writes
+    # nothing large before its checkpoint.
+    config = run_files("fsize", **{"dataset.preparedDir": "PREPARED"})
+    cfg = yaml.safe_load(config.read_text())
+    cfg["dataset"]["preparedDir"] = str(config.parent / "prepared")
+    config.write_text(yaml.safe_dump(cfg))
+    interrupt(config, r"step 1[3-6]/40 \(")
+    (earlier,) = [c for c in checkpoints.scan(config.parent / "checkpoints") if c.step > 10]
+    optimizer = (earlier.path / "optimizer.pt").stat().st_size
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (optimizer // 2, optimizer // 2))
+
+    rc, log = Trainer(config, preexec=limit_file_size).finish()
+    assert rc == 5, log[-3000:]
+    assert "Using the prepared data in" in log
+    assert "the volume is full while saving step 20" in log
+    assert f"{earlier.name} (step {earlier.step}" in log
+    assert checkpoints.verify(earlier.path)[0] is not None
+
+
+def test_non_finite_loss_exits_4_and_keeps_the_last_good_checkpoint(run_files):
+    config = run_files("nan", **{"training.learningRate": 1e30, "checkpoints.everySteps": 1})
+    rc, log = Trainer(config).finish()
+    assert rc == 4, log[-3000:]
+    assert "Training diverged: the loss was not finite for 3 steps in a row" in log
+    assert "Lower training.learningRate (now 1e+30)" in log
+    first_bad = int(re.search(r"step (\d+): loss is not finite", log).group(1))
+    kept = checkpoints.scan(config.parent / "checkpoints")
+    # A checkpoint is saved after every finite step and never after a non-finite one.
+    assert [c.step for c in kept] == list(range(1, first_bad))
+    assert not (config.parent / "output" / "adapter_model.safetensors").exists()
+
+
+def test_a_rerun_after_completion_only_exports(run_files, reference):
+    config = run_files("rerun", **{"training.maxSteps": 12})
+    run_to_end(config)
+    first = (config.parent / "output" / "metrics.json").read_text()
+    log = run_to_end(config)
+    assert "finished training; evaluating and exporting it" in log
+    assert "step 1/" not in log, "no step is trained twice"
+    assert (
+        json.loads(first)["eval_loss"]
+        == json.loads((config.parent / "output" / "metrics.json").read_text())["eval_loss"]
+    )
+
+
+def test_no_safe_point_within_the_grace_period_exits_143_without_a_new_checkpoint(run_files, tmp_path):
+    config = run_files("grace", **{"checkpoints.graceSeconds": 1})
+    marker = tmp_path / "paused"
+    trainer = Trainer(config, env={checkpoints.PAUSE_HOOK_ENV: str(marker)})
+    deadline = time.monotonic() + 120
+    while not marker.exists():  # the main thread is now stuck inside a save
+        assert time.monotonic() < deadline and trainer.proc.poll() is None, "the save never paused"
+        time.sleep(0.05)
+    trainer.proc.send_signal(signal.SIGTERM)
+    rc, log = trainer.finish()
+    assert rc == 143, log[-3000:]
+    assert "no safe point within checkpoints.graceSeconds=1s of SIGTERM" in log
+    assert checkpoints.scan(config.parent / "checkpoints") == [], "the unfinished save is set aside, not used"

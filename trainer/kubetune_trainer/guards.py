@@ -1,0 +1,232 @@
+"""What may stop a run early, and the one place that decides what happens after a step.
+
+- SIGTERM (preemption, eviction, Job suspension) or Ctrl-C: `StopRequest` records it; the run saves
+  a checkpoint at the next step end (or abandons an evaluation in progress and saves),
+  then exits 143 (130 for Ctrl-C). A watchdog exits anyway when the grace period runs out, so the
+  kubelet never has to SIGKILL a process in the middle of a write.
+- Non-finite loss: `DivergenceGuard` skips the optimizer step (the weights stay finite)
+  and stops the run as Diverged after `training.maxNonFiniteSteps` in a row.
+- `RunControl` combines these with the checkpoint schedule after every step; it runs
+  after transformers' DefaultFlowCallback, so its word on save/evaluate/stop is final.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+log = logging.getLogger(__name__)
+
+# Exit codes after a graceful stop, as a shell reports death by these signals (128 + signum).
+EXIT_CODES: Mapping[signal.Signals, int] = MappingProxyType({signal.SIGTERM: 143, signal.SIGINT: 130})
+
+
+class EvaluationAbandoned(Exception):
+    """Raised inside an evaluation loop to leave it at once after SIGTERM."""
+
+
+class StopRequest:
+    """SIGTERM (or a first Ctrl-C) seen by this process, and a watchdog bounding how long we take to obey.
+
+    A second Ctrl-C interrupts at once, as a user at a terminal expects.
+    """
+
+    def __init__(self, grace_seconds: float) -> None:
+        self.grace_seconds = grace_seconds
+        self.signal: signal.Signals | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.signal, EXIT_CODES[signal.SIGTERM])
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread (e.g. not in some test runners)
+        for signum in EXIT_CODES:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def uninstall(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signal = signal.Signals(signum)
+        log.warning(
+            "%s received: saving a checkpoint at the next safe point, then exiting %d (within %.0fs)",
+            self.signal.name,
+            self.exit_code,
+            self.grace_seconds,
+        )
+        threading.Thread(target=self._watchdog, name="stop-watchdog", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        time.sleep(self.grace_seconds)
+        # The main thread is stuck in a long step or save; a checkpoint could not be made in time.
+        sys.stderr.write(
+            f"kubetune-train: no safe point within checkpoints.graceSeconds={self.grace_seconds:g}s of "
+            f"{self.signal.name if self.signal else 'the signal'}; exiting without a new checkpoint "
+            "(the previous ones are intact).\n"
+        )
+        sys.stderr.flush()
+        os._exit(self.exit_code)
+
+
+class DivergenceGuard:
+    """Counts consecutive optimizer steps whose loss was not finite and skips their update."""
+
+    def __init__(self, limit: int, skip_update: bool) -> None:
+        self.limit = limit
+        # Under fp16 the GradScaler already skips steps with non-finite gradients.
+        self.skip_update = skip_update
+        self.consecutive = 0
+        self.diverged_at: int | None = None
+        self._bad: torch.Tensor | None = None
+
+    def observe(self, loss: torch.Tensor) -> None:
+        """Called for every micro-batch; no device sync here."""
+        bad = ~torch.isfinite(loss.detach())
+        self._bad = bad if self._bad is None else self._bad | bad
+
+    def check_step(self, model: torch.nn.Module | None, step: int) -> bool:
+        """Before the optimizer step: True if the run diverged. One device sync per step."""
+        bad = self._bad is not None and bool(self._bad.item())
+        self._bad = None
+        if not bad:
+            self.consecutive = 0
+            return False
+        self.consecutive += 1
+        if self.skip_update and model is not None:
+            for p in model.parameters():
+                p.grad = None  # torch optimizers leave parameters without a gradient untouched
+        log.warning(
+            "step %d: loss is not finite; optimizer step skipped (%d in a row, training.maxNonFiniteSteps=%d)",
+            step,
+            self.consecutive,
+            self.limit,
+        )
+        if self.consecutive >= self.limit:
+            self.diverged_at = step
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    save: bool
+    evaluate: bool
+    stop: bool
+
+
+def decide_after_step(
+    *, diverged: bool, unhealthy: bool, stop_requested: bool, save_due: bool, default: StepDecision
+) -> StepDecision:
+    """Pure: what to do after an optimizer step, given Trainer's own plan (`default`).
+
+    `unhealthy`: the last step's loss was not finite. Weights that just produced a NaN are
+    not worth a checkpoint, so saving waits for a finite step (SIGTERM then resumes from
+    the previous checkpoint). The end of training always saves, so a rerun knows it is done.
+    """
+    if diverged:
+        return StepDecision(save=False, evaluate=False, stop=True)
+    if stop_requested:
+        return StepDecision(save=not unhealthy, evaluate=False, stop=True)  # evaluate after resuming
+    save = (default.save or save_due or default.stop) and not unhealthy
+    return StepDecision(save=save, evaluate=default.evaluate, stop=default.stop)
+
+
+def checkpoint_due(
+    *,
+    step: int,
+    last_save_step: int,
+    last_save_time: float,
+    now: float,
+    every_steps: int | None,
+    every_minutes: float | None,
+) -> bool:
+    """Pure: is a periodic checkpoint due after this step?"""
+    if step <= last_save_step:
+        return False
+    if every_steps is not None and step % every_steps == 0:
+        return True
+    return every_minutes is not None and now - last_save_time >= every_minutes * 60
+
+
+class RunControl(TrainerCallback):
+    """After each step: divergence, SIGTERM and the checkpoint schedule decide save/evaluate/stop."""
+
+    def __init__(
+        self, stop: StopRequest, guard: DivergenceGuard, every_steps: int | None, every_minutes: float | None
+    ) -> None:
+        self.stop = stop
+        self.guard = guard
+        self.every_steps = every_steps
+        self.every_minutes = every_minutes
+        self.last_save_step = 0
+        self.last_save_time = time.monotonic()
+        self._evaluating = False
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        self.last_save_step = state.global_step
+        self.last_save_time = time.monotonic()
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **_: Any
+    ) -> None:
+        if self.guard.check_step(model, state.global_step + 1):
+            control.should_training_stop = True
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        decision = decide_after_step(
+            diverged=self.guard.diverged_at is not None,
+            unhealthy=self.guard.consecutive > 0,
+            stop_requested=self.stop.requested,
+            save_due=checkpoint_due(
+                step=state.global_step,
+                last_save_step=self.last_save_step,
+                last_save_time=self.last_save_time,
+                now=time.monotonic(),
+                every_steps=self.every_steps,
+                every_minutes=self.every_minutes,
+            ),
+            default=StepDecision(control.should_save, control.should_evaluate, control.should_training_stop),
+        )
+        control.should_save, control.should_evaluate = decision.save, decision.evaluate
+        control.should_training_stop = decision.stop
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        self.last_save_step = state.global_step
+        self.last_save_time = time.monotonic()
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        if not self._evaluating:
+            self._evaluating = True
+            log.info("step %d: evaluating", state.global_step)
+        if self.stop.requested:
+            log.warning("SIGTERM during the evaluation at step %d: abandoning it to save", state.global_step)
+            raise EvaluationAbandoned(f"SIGTERM during the evaluation at step {state.global_step}")
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        self._evaluating = False
