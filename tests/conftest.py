@@ -54,7 +54,7 @@ def make_config(tmp_path: Path, tiny_model: Path, qa_file: Path) -> Callable[...
     def make(**overrides: Any) -> TrainConfig:
         raw = {
             "model": {"nameOrPath": str(tiny_model)},
-            "dataset": {"path": str(qa_file), "maxSeqLength": 64},
+            "dataset": {"path": str(qa_file), "maxSeqLength": 64, "preparedDir": str(tmp_path / "prepared")},
             "training": {"maxSteps": 8, "batchSize": 8, "learningRate": 3e-3, "loggingSteps": 1},
             "checkpoints": {"dir": str(tmp_path / "checkpoints")},
             "output": {"dir": str(tmp_path / "output")},

@@ -17,7 +17,7 @@ from kubetune_trainer.report import per_sample_loss
 
 def stage(root: Path, step: int, payload: bytes = b"weights") -> Path:
     staging = root / checkpoints.STAGING / checkpoints.checkpoint_name(step)
-    staging.mkdir(parents=True)
+    staging.mkdir(parents=True, exist_ok=True)
     (staging / "adapter_model.safetensors").write_bytes(payload * 100)
     (staging / "optimizer.pt").write_bytes(b"adam" * 50)
     return staging
@@ -99,7 +99,8 @@ def ck(step: int, loss: float | None = None) -> Checkpoint:
     ],
 )
 def test_prune_keeps_the_newest_and_the_best(saved, keep, pruned):
-    assert [c.step for c in select_prunable(saved, keep)] == pruned
+    best = min((c for c in saved if c.eval_loss is not None), key=lambda c: c.eval_loss, default=None)
+    assert [c.step for c in select_prunable(saved, keep, best.step if best else None)] == pruned
 
 
 D = StepDecision
@@ -112,7 +113,9 @@ D = StepDecision
         ({"default": D(False, True, False)}, D(False, True, False)),
         ({"save_due": True}, D(True, False, False)),
         ({"default": D(False, False, True)}, D(True, False, True)),  # the end of training always saves
-        ({"stop_requested": True, "default": D(False, True, False)}, D(True, False, True)),  # SIGTERM: save, no eval
+        # SIGTERM: save; a due evaluation still starts (it is abandoned at once, keeping the RNG draw)
+        ({"stop_requested": True, "default": D(False, True, False)}, D(True, True, True)),
+        ({"stop_requested": True}, D(True, False, True)),
         ({"stop_requested": True, "unhealthy": True}, D(False, False, True)),
         ({"diverged": True, "default": D(True, True, True)}, D(False, False, True)),
         ({"unhealthy": True, "save_due": True}, D(False, False, False)),  # no checkpoint of a NaN step
@@ -180,3 +183,35 @@ def test_per_sample_loss_matches_cross_entropy_per_row():
         expected = torch.nn.functional.cross_entropy(logits[row, :-1], labels[row, 1:], ignore_index=-100)
         torch.testing.assert_close(got[row], expected)
     assert got[2] == 0
+
+
+def test_a_complete_save_left_in_staging_is_recovered(tmp_path):
+    save(tmp_path, 5)
+    sealed = save(tmp_path / "elsewhere", 10)
+    (tmp_path / checkpoints.STAGING).mkdir()
+    sealed.path.rename(tmp_path / checkpoints.STAGING / "checkpoint-10")
+    # As if the kill came after the manifest, before the move out of staging: nothing was lost.
+    assert [c.step for c in scan(tmp_path)] == [5, 10]
+    assert not (tmp_path / checkpoints.SET_ASIDE).exists()
+
+
+def test_a_replaced_checkpoint_comes_back_if_its_successor_never_arrived(tmp_path):
+    old = save(tmp_path, 10)
+    old.path.rename(tmp_path / ".replaced-checkpoint-10-1")  # killed between the two renames
+    assert [c.step for c in scan(tmp_path)] == [10]
+    assert (tmp_path / "checkpoint-10" / "manifest.json").exists()
+
+
+def test_an_interrupted_prune_is_finished(tmp_path):
+    doomed = save(tmp_path, 1)
+    doomed.path.rename(tmp_path / ".deleting-checkpoint-1")
+    (tmp_path / ".deleting-checkpoint-1" / "optimizer.pt").unlink()  # half deleted
+    save(tmp_path, 2)
+    assert [c.step for c in scan(tmp_path)] == [2]
+    assert not (tmp_path / ".deleting-checkpoint-1").exists()
+    assert not (tmp_path / checkpoints.SET_ASIDE).exists()
+
+
+def test_prune_keeps_the_trackers_best_even_when_a_manifest_says_lower():
+    saved = [ck(1, 0.50), ck(2, 0.49), ck(3), ck(4)]  # step 2 beat step 1 by less than minDelta
+    assert [c.step for c in select_prunable(saved, keep=1, best_step=1)] == [2, 3]

@@ -31,7 +31,7 @@ def config_file(tmp_path, tiny_model, qa_file):
         if text is None:
             base = {
                 "model": {"nameOrPath": str(tiny_model)},
-                "dataset": {"path": str(qa_file), "maxSeqLength": 64},
+                "dataset": {"path": str(qa_file), "maxSeqLength": 64, "preparedDir": str(tmp_path / "prepared")},
                 "training": {"maxSteps": 8, "batchSize": 8, "learningRate": 3e-3, "loggingSteps": 2},
                 "checkpoints": {"dir": str(tmp_path / "ckpt")},
                 "output": {"dir": str(tmp_path / "out")},

@@ -38,7 +38,8 @@ def test_every_field_has_a_description():
 
 def test_defaults_fill_everything_but_model_and_data():
     cfg = parse_config(MINIMAL)
-    assert cfg.lora.target_modules == "all-linear"
+    assert cfg.lora.target_modules == ["all-linear"]
+    assert parse_config(MINIMAL + "lora:\n  targetModules: q_proj\n").lora.target_modules == ["q_proj"]
     assert cfg.training.lr_scheduler == "cosine"
     assert cfg.training.warmup_ratio > 0
     assert (cfg.dataset.validation_split, cfg.dataset.test_split) == (0.1, 0.1)
@@ -156,3 +157,26 @@ def test_config_module_imports_no_torch():
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("dirs", "ok"),
+    [
+        ({"output": "out", "checkpoints": "ckpt", "prepared": "prep"}, True),
+        ({"output": "run", "checkpoints": "run", "prepared": "prep"}, False),
+        ({"output": "run/output", "checkpoints": "run/checkpoints", "prepared": "run/prepared"}, True),
+        ({"output": "out", "checkpoints": "ckpt", "prepared": "out/prepared"}, False),
+        ({"output": "./out", "checkpoints": "out", "prepared": "p"}, False),
+        ({"output": "work", "checkpoints": "work/ckpt", "prepared": "p"}, False),
+    ],
+)
+def test_working_directories_may_not_overlap(dirs, ok):
+    text = (
+        MINIMAL + f"  preparedDir: {dirs['prepared']}\noutput:\n  dir: {dirs['output']}\n"
+        f"checkpoints:\n  dir: {dirs['checkpoints']}\n"
+    )
+    if ok:
+        parse_config(text)
+    else:
+        with pytest.raises(ConfigError, match="must be separate directories, neither inside the other"):
+            parse_config(text)

@@ -246,3 +246,90 @@ def test_validation_file_is_checked_like_the_training_file(tmp_path, qa_rows):
     message = _error(DatasetConfig(path=str(train), validation_path=str(val)))
     assert message.startswith("dataset.validationPath:")
     assert "'completion'" in message
+
+
+def test_non_utf8_data_names_the_line(tmp_path, qa_rows):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in qa_rows[:3]) + b'{"prompt": "caf\xe9"}\n')
+    assert f"{path}:4: not UTF-8 text" in _error(DatasetConfig(path=str(path)))
+
+
+def test_csv_blank_lines_do_not_shift_line_numbers(tmp_path, qa_rows):
+    path = tmp_path / "d.csv"
+    lines = ["prompt,completion", "a,b", "", "c,d", "e,", *[f"p{i},c{i}" for i in range(10)]]
+    path.write_text("\n".join(lines) + "\n")
+    assert f"{path}:5: field 'completion'" in _error(DatasetConfig(path=str(path)))
+
+
+def test_chat_template_that_raises_is_a_data_error(tokenizer, tmp_path):
+    original = tokenizer.chat_template
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    try:
+        with pytest.raises(DataError, match=r"chat template rejects a conversation .*no system turns"):
+            tokenize_chat([CHAT], tokenizer, train_on_prompt=False)
+    finally:
+        tokenizer.chat_template = original
+
+
+def test_chat_rows_without_a_locatable_assistant_turn_are_named(tokenizer, tmp_path):
+    original = tokenizer.chat_template
+    # The generation prompt adds text the finished conversation does not have (as R1-style templates do).
+    tokenizer.chat_template = original.replace("assistant\n'", "assistant\n<think>'")
+    assert tokenizer.chat_template != original
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 12)
+    try:
+        with pytest.raises(DataError, match="no conversation whose assistant turns could be located"):
+            prepare(DatasetConfig(path=str(path), validation_split=0, test_split=0), tokenizer)
+    finally:
+        tokenizer.chat_template = original
+
+
+def test_prepared_dir_is_never_a_directory_with_other_files(tmp_path, qa_rows, tokenizer):
+    from kubetune_trainer.data import prepare_or_load
+
+    data = tmp_path / "data"
+    data.mkdir()
+    path = write_jsonl(data / "train.jsonl", qa_rows)
+    (data / "README.txt").write_text("mine")
+    with pytest.raises(DataError, match="contains the data files"):
+        prepare_or_load(DatasetConfig(path=str(path), prepared_dir=str(data)), tokenizer)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="holds files that kubetune did not write"):
+        prepare_or_load(DatasetConfig(path=str(path), prepared_dir=str(other)), tokenizer)
+    assert (data / "README.txt").read_text() == "mine"
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_prepared_data_is_reused_only_while_files_and_tokenizer_match(tmp_path, qa_rows, tokenizer):
+    from kubetune_trainer.data import data_fingerprint, load_prepared, prepare_or_load
+
+    path = write_jsonl(tmp_path / "train.jsonl", qa_rows)
+    cfg = DatasetConfig(path=str(path), prepared_dir=str(tmp_path / "prepared"))
+    first = prepare_or_load(cfg, tokenizer)
+    again = load_prepared(tmp_path / "prepared", data_fingerprint(cfg, tokenizer))
+    assert again is not None
+    assert again.train["input_ids"] == first.train["input_ids"]
+    assert again.stats == first.stats
+    before = data_fingerprint(cfg, tokenizer)
+    original = tokenizer.chat_template
+    tokenizer.chat_template = original + " "  # a tokenizer that renders chats differently
+    try:
+        assert data_fingerprint(cfg, tokenizer) != before
+    finally:
+        tokenizer.chat_template = original
+    assert data_fingerprint(cfg, tokenizer) == before
+    path.write_text(path.read_text().replace("Oak", "Ash", 1))  # same size, other content
+    assert load_prepared(tmp_path / "prepared", data_fingerprint(cfg, tokenizer)) is None
+
+
+def test_a_missing_file_is_a_data_error_with_prepared_dir_too(tmp_path, tokenizer):
+    from kubetune_trainer.data import prepare_or_load
+
+    cfg = DatasetConfig(path=str(tmp_path / "nope.jsonl"), prepared_dir=str(tmp_path / "prepared"))
+    with pytest.raises(DataError, match="file not found"):
+        prepare_or_load(cfg, tokenizer)

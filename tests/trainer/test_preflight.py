@@ -39,7 +39,8 @@ def test_learning_rate(lr, status):
     [
         ({}, 100, ["pass", "pass"], "39 optimizer steps (13 per epoch)"),
         ({"maxSteps": 10, "warmupSteps": 10}, 100, ["pass", "fail"], "warmup (10 steps) is not shorter than the run"),
-        ({"maxSteps": 1}, 100, ["pass", "fail"], "lower training.warmupSteps or warmupRatio"),
+        ({"maxSteps": 1}, 100, ["pass", "pass"], "0 warmup steps of 1"),  # a ratio never takes the whole run
+        ({"maxSteps": 5, "warmupSteps": 7}, 100, ["pass", "fail"], "lower training.warmupSteps or warmupRatio"),
     ],
 )
 def test_steps_and_warmup(make_config, overrides, rows, statuses, text):

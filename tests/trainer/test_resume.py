@@ -88,16 +88,18 @@ def interrupt(config: Path, at: str, sig: signal.Signals = signal.SIGTERM, code:
     return int(re.search(rf"Stopped by {sig.name} at step (\d+)", log).group(1)), log
 
 
-def losses(out: Path) -> dict[int, float]:
+def losses(out: Path, key: str = "loss") -> dict[int, float]:
     history = json.loads((out / "log_history.json").read_text())
-    return {h["step"]: h["loss"] for h in history if "loss" in h}
+    return {h["step"]: h[key] for h in history if key in h}
 
 
-def assert_same_losses(out: Path, reference: dict[int, float]) -> None:
-    got = losses(out)
-    assert sorted(got) == sorted(reference) == list(range(1, STEPS + 1))
-    steps = sorted(reference)
-    torch.testing.assert_close(torch.tensor([got[s] for s in steps]), torch.tensor([reference[s] for s in steps]))
+def assert_same_losses(out: Path, reference: dict[str, dict[int, float]]) -> None:
+    """Every step's training loss, and every evaluation, as in the run that was never interrupted."""
+    for key, expected in reference.items():
+        got = losses(out, key)
+        assert sorted(got) == sorted(expected), key
+        steps = sorted(expected)
+        torch.testing.assert_close(torch.tensor([got[s] for s in steps]), torch.tensor([expected[s] for s in steps]))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,13 @@ def run_files(tmp_path_factory, tiny_model, qa_rows):
         work = root / name
         raw = {
             "model": {"nameOrPath": str(tiny_model)},
-            "dataset": {"path": str(train), "validationPath": str(validation), "testSplit": 0, "maxSeqLength": 64},
+            "dataset": {
+                "path": str(train),
+                "validationPath": str(validation),
+                "testSplit": 0,
+                "maxSeqLength": 64,
+                "preparedDir": str(work / "prepared"),
+            },
             "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
             "training": {"maxSteps": STEPS, "batchSize": 8, "learningRate": 3e-3, "loggingSteps": 1},
             "evaluation": {"evalSteps": 10, "batchSize": 1, "highLossSamples": 0},
@@ -133,10 +141,14 @@ def run_files(tmp_path_factory, tiny_model, qa_rows):
 
 
 @pytest.fixture(scope="module")
-def reference(run_files) -> dict[int, float]:
+def reference(run_files) -> dict[str, dict[int, float]]:
     config = run_files("reference")
     run_to_end(config)
-    return losses(config.parent / "output")
+    out = config.parent / "output"
+    reference = {"loss": losses(out), "eval_loss": losses(out, "eval_loss")}
+    assert sorted(reference["loss"]) == list(range(1, STEPS + 1))
+    assert sorted(reference["eval_loss"]) == [0, 10, 20, 30, 40]
+    return reference
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
@@ -264,9 +276,9 @@ def test_non_finite_loss_exits_4_and_keeps_the_last_good_checkpoint(run_files):
     config = run_files("nan", **{"training.learningRate": 1e30, "checkpoints.everySteps": 1})
     rc, log = Trainer(config).finish()
     assert rc == 4, log[-3000:]
-    assert "Training diverged: the loss was not finite for 3 steps in a row" in log
+    assert "Training diverged: the loss or gradients were not finite for 3 steps in a row" in log
     assert "Lower training.learningRate (now 1e+30)" in log
-    first_bad = int(re.search(r"step (\d+): loss is not finite", log).group(1))
+    first_bad = int(re.search(r"step (\d+): loss or gradients not finite", log).group(1))
     kept = checkpoints.scan(config.parent / "checkpoints")
     # A checkpoint is saved after every finite step and never after a non-finite one.
     assert [c.step for c in kept] == list(range(1, first_bad))
@@ -299,3 +311,43 @@ def test_no_safe_point_within_the_grace_period_exits_143_without_a_new_checkpoin
     assert rc == 143, log[-3000:]
     assert "no safe point within checkpoints.graceSeconds=1s of SIGTERM" in log
     assert checkpoints.scan(config.parent / "checkpoints") == [], "the unfinished save is set aside, not used"
+
+
+def test_sigterm_in_the_final_evaluation_leaves_a_finished_run(run_files, reference):
+    config = run_files("final-eval")
+    stopped, log = interrupt(config, r"step 40: evaluating")
+    assert stopped == 40
+    log = run_to_end(config)
+    assert "finished training; evaluating and exporting it" in log
+    assert not re.search(r"step 41/", log)
+    assert json.loads((config.parent / "output" / "metrics.json").read_text())["global_step"] == 40
+
+
+def test_a_resumed_run_uses_the_changed_settings(run_files, reference):
+    config = run_files("changed")
+    stopped, _ = interrupt(config, r"step 1[3-6]/40 \(")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["training"].update({"learningRate": 1e-5, "loggingSteps": 3})
+    cfg["evaluation"]["evalSteps"] = 7
+    config.write_text(yaml.safe_dump(cfg))
+    run_to_end(config)
+    history = json.loads((config.parent / "output" / "log_history.json").read_text())
+    after = [h for h in history if h["step"] > stopped]
+    assert {h["step"] % 3 for h in after if "loss" in h} == {0}
+    assert {h["step"] % 7 for h in after if "eval_loss" in h} <= {0, 40 % 7}  # and the final step
+    rates = [h["learning_rate"] for h in after if "learning_rate" in h]
+    assert max(rates) <= 1e-5, "the schedule now peaks at the new learning rate"
+
+
+def test_weights_that_overflow_are_never_checkpointed(run_files):
+    # lr 1e39 overflows float32 in the first update while that step's loss is still finite.
+    config = run_files(
+        "overflow", **{"training.learningRate": 1e39, "training.warmupRatio": 0, "checkpoints.everySteps": 1}
+    )
+    rc, log = Trainer(config).finish()
+    assert rc == 4, log[-3000:]
+    assert "The newest checkpoint" not in log
+    assert checkpoints.scan(config.parent / "checkpoints") == []
+    reasons = [p.read_text() for p in (config.parent / "checkpoints" / checkpoints.SET_ASIDE).glob("*/SET_ASIDE_*")]
+    assert reasons
+    assert all("not finite" in r for r in reasons)

@@ -236,3 +236,18 @@ def test_high_loss_samples_follow_each_evaluation(make_config):
         for r in worst:
             row = raw["train"][r["index"]]
             assert r["text"] == row["prompt"] + row["completion"] + "<|endoftext|>"
+
+
+def test_a_finished_run_is_not_exported_under_other_settings_but_can_be_extended(make_config):
+    done = make_config(**{"training.maxSteps": 6})
+    run(done, sinks=[])
+    with pytest.raises(ConfigError, match=r"holds a finished run trained with other training.learningRate"):
+        setup(
+            make_config(**{"training.maxSteps": 6, "training.learningRate": 1e-4, "output.dir": "/tmp/x-out"}), sinks=[]
+        )
+    longer = make_config(**{"training.maxSteps": 10, "output.dir": str(Path(done.output.dir).parent / "out2")})
+    result = run(longer, sinks=[])
+    assert result.metrics["resumed_from_step"] == 6
+    assert result.metrics["global_step"] == 10
+    steps = [h["step"] for h in result.log_history if "loss" in h]
+    assert steps == list(range(1, 11)), "the first six steps come from the checkpoint's history, not retrained"

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +156,11 @@ def lacks_space(directory: Path, size: int) -> bool:
     return False
 
 
+def set_aside_bytes(root: Path) -> int:
+    aside = root / SET_ASIDE
+    return size_bytes(aside) if aside.is_dir() else 0
+
+
 def size_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -203,20 +207,32 @@ def set_aside(root: Path, path: Path, reason: str) -> Path:
     return target
 
 
+def _recover(root: Path, leftover: Path, why: str) -> None:
+    """A checkpoint outside its place after a kill: put it in place if it verifies and its place
+    is free (the kill came after the manifest), else set it aside."""
+    checkpoint, reason = verify(leftover)
+    if checkpoint is not None and not (root / checkpoint_name(checkpoint.step)).exists():
+        os.replace(leftover, root / checkpoint_name(checkpoint.step))
+        log.warning("Recovered %s, complete but %s", checkpoint_name(checkpoint.step), why)
+    else:
+        set_aside(root, leftover, f"{why}; {reason or 'a verified copy of the same step is in place'}")
+
+
 def scan(root: Path) -> list[Checkpoint]:
     """Complete checkpoints in root, oldest first. Anything unverifiable is set aside."""
     if not root.is_dir():
         return []
     good: list[Checkpoint] = []
+    for doomed in root.glob(".deleting-*"):  # a prune interrupted by a kill: finish it
+        shutil.rmtree(doomed)
     staging = root / STAGING
     if staging.is_dir():
         for leftover in sorted(staging.iterdir()):
-            set_aside(root, leftover, "an interrupted save left it in .staging")
+            _recover(root, leftover, "an interrupted save left it in .staging")
         staging.rmdir()
+    for path in sorted(root.glob(".replaced-*")):
+        _recover(root, path, "left over from replacing a checkpoint of the same step")
     for path in sorted(root.iterdir()):
-        if path.name.startswith(".replaced-"):
-            set_aside(root, path, "left over from replacing a checkpoint of the same step")
-            continue
         if not _NAME.match(path.name) or not path.is_dir():
             continue
         checkpoint, reason = verify(path)
@@ -227,25 +243,25 @@ def scan(root: Path) -> list[Checkpoint]:
     return sorted(good, key=lambda c: c.step)
 
 
-def best(checkpoints: Iterable[Checkpoint]) -> Checkpoint | None:
-    scored = [c for c in checkpoints if c.eval_loss is not None]
-    return min(scored, key=lambda c: (c.eval_loss, -c.step)) if scored else None
+def select_prunable(checkpoints: list[Checkpoint], keep: int, best_step: int | None) -> list[Checkpoint]:
+    """Pure: which complete checkpoints to delete so that the newest `keep` and the best remain.
 
-
-def select_prunable(checkpoints: list[Checkpoint], keep: int) -> list[Checkpoint]:
-    """Pure: which complete checkpoints to delete so that the newest `keep` and the best remain."""
+    "Best" is the run's own verdict (the validation tracker's best step, which honours
+    earlyStoppingMinDelta), not a second opinion from the manifests.
+    """
     ordered = sorted(checkpoints, key=lambda c: c.step)
-    protected = {c.path for c in ordered[-keep:]}
-    if (b := best(ordered)) is not None:
-        protected.add(b.path)
+    protected = {c.path for c in ordered[-keep:]} | {c.path for c in ordered if c.step == best_step}
     return [c for c in ordered if c.path not in protected]
 
 
-def prune(checkpoints: list[Checkpoint], keep: int) -> list[Checkpoint]:
+def prune(checkpoints: list[Checkpoint], keep: int, best_step: int | None) -> list[Checkpoint]:
     """Delete old complete checkpoints; return those that remain."""
-    doomed = select_prunable(checkpoints, keep)
+    doomed = select_prunable(checkpoints, keep, best_step)
     for c in doomed:
-        shutil.rmtree(c.path)
+        # Renamed first, so a kill mid-delete leaves a name scan() knows to finish deleting.
+        trash = c.path.parent / f".deleting-{c.name}"
+        os.replace(c.path, trash)
+        shutil.rmtree(trash)
         log.info("Removed old checkpoint %s (keeping the newest %d and the best)", c.name, keep)
     gone = {c.path for c in doomed}
     return [c for c in checkpoints if c.path not in gone]

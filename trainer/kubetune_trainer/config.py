@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel, to_snake
 
 from kubetune_trainer.errors import ConfigError
@@ -47,6 +48,9 @@ class _Section(BaseModel):
         validate_by_alias=True,
         validate_default=True,
     )
+    # The same rules as this model's validators, in CEL, for the Kubernetes API server to enforce on a
+    # TrainingRun (rendered into its CRD); a test checks each pair agrees. (rule, message) on camelCase fields.
+    cel_rules: ClassVar[tuple[tuple[str, str], ...]] = ()
 
 
 class ModelConfig(_Section):
@@ -107,9 +111,17 @@ class DatasetConfig(_Section):
         None, ge=1, description="Use only the first N rows of the training file (quick trials)."
     )
     prepared_dir: str | None = Field(
-        None,
-        description="Where `kubetune-train prepare` saves the tokenized splits; `run` loads them from there "
-        "when they were made from the same files and settings, and tokenizes afresh otherwise.",
+        "prepared",
+        description="Directory of kubetune's own where the tokenized splits are saved (by `prepare` or the first "
+        "`run`) and reused while the files, settings and tokenizer stay the same; null to tokenize every time.",
+    )
+
+    cel_rules = (
+        (
+            "(has(self.validationPath) ? 0.0 : self.validationSplit) + (has(self.testPath) ? 0.0 : self.testSplit)"
+            " < 1.0",
+            "validationSplit + testSplit must stay below 1 to leave rows for training",
+        ),
     )
 
     @model_validator(mode="after")
@@ -126,10 +138,11 @@ class LoraConfig(_Section):
     r: int = Field(16, ge=1, description="LoRA rank: the width of the low-rank update matrices.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator; the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
-    target_modules: Literal["all-linear"] | list[str] = Field(
-        "all-linear",
-        description="Module names (or name suffixes) that get LoRA adapters; all-linear adapts every "
-        "linear layer except the output head.",
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names (or name suffixes) that get LoRA adapters; [all-linear] adapts every "
+        "linear layer except the output head. A single name may be written without the list.",
     )
     modules_to_save: list[str] = Field(
         default_factory=list,
@@ -138,11 +151,10 @@ class LoraConfig(_Section):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r).")
 
-    @model_validator(mode="after")
-    def _targets_not_empty(self) -> LoraConfig:
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ValueError("targetModules is empty; name at least one module or use all-linear")
-        return self
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class TrainingConfig(_Section):
@@ -255,6 +267,15 @@ class TrainConfig(_Section):
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
 
+    cel_rules = (
+        (
+            "!has(self.evaluation.earlyStoppingPatience) || has(self.dataset.validationPath)"
+            " || self.dataset.validationSplit > 0.0",
+            "evaluation.earlyStoppingPatience needs a validation split: set dataset.validationSplit above 0 or "
+            "dataset.validationPath",
+        ),
+    )
+
     @model_validator(mode="after")
     def _early_stopping_needs_validation(self) -> TrainConfig:
         has_validation = self.dataset.validation_path is not None or self.dataset.validation_split > 0
@@ -263,6 +284,19 @@ class TrainConfig(_Section):
                 "evaluation.earlyStoppingPatience needs a validation split: set dataset.validationSplit "
                 "above 0 or dataset.validationPath"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _working_directories_apart(self) -> TrainConfig:
+        # Each is replaced or pruned by kubetune; nested in another, it would take the other's files with it.
+        dirs = {"output.dir": self.output.dir, "checkpoints.dir": self.checkpoints.dir}
+        if self.dataset.prepared_dir:
+            dirs["dataset.preparedDir"] = self.dataset.prepared_dir
+        resolved = {name: Path(os.path.normpath(os.path.abspath(d))) for name, d in dirs.items()}
+        for a, pa in resolved.items():
+            for b, pb in resolved.items():
+                if a < b and (pa == pb or pa in pb.parents or pb in pa.parents):
+                    raise ValueError(f"{a} and {b} must be separate directories, neither inside the other")
         return self
 
     def to_yaml(self) -> str:
@@ -455,6 +489,19 @@ def iter_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> Itera
         if isinstance(annotation, type):
             type_name = annotation.__name__
         yield path, type_name, default, field.description or ""
+
+
+def total_steps(training: TrainingConfig, num_train_rows: int) -> int:
+    """Optimizer steps of the whole run: maxSteps, or epochs over the training split."""
+    if training.max_steps is not None:
+        return training.max_steps
+    return math.ceil(training.epochs * steps_per_epoch(num_train_rows, training))
+
+
+def warmup_steps(training: TrainingConfig, steps: int) -> int:
+    """warmupSteps, or the floor of warmupRatio of the run: a very short run gets no warmup rather
+    than a first step at learning rate 0."""
+    return training.warmup_steps if training.warmup_steps is not None else math.floor(steps * training.warmup_ratio)
 
 
 def steps_per_epoch(num_train_rows: int, training: TrainingConfig, world_size: int = 1) -> int:

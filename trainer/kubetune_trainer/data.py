@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class SplitStats:
     rows: int
     truncated: int = 0
     dropped: int = 0  # rows left with no target token after truncation
+    untargeted: int = 0  # chat rows whose assistant turns could not be located
     tokens: int = 0
     target_tokens: int = 0
     max_length: int = 0
@@ -75,8 +77,8 @@ class PreparedData:
 # --------------------------------------------------------------------------- reading
 
 
-def read_table(path: str, setting: str) -> datasets.Dataset:
-    """Load one local data file through `datasets`, with errors that name the file and line."""
+def check_data_file(path: str, setting: str) -> str:
+    """The `datasets` builder for a data file that exists and can be opened; DataError otherwise."""
     file = Path(path)
     builder = FILE_TYPES.get(file.suffix.lower())
     if builder is None:
@@ -87,6 +89,18 @@ def read_table(path: str, setting: str) -> datasets.Dataset:
     if not file.is_file():
         where = f" (relative to {Path.cwd()})" if not file.is_absolute() else ""
         raise DataError(f"{setting}: file not found: {path}{where}. Check the path or create the file.")
+    try:
+        with file.open("rb"):
+            pass
+    except OSError as exc:
+        raise DataError(f"{setting}: cannot open {path}: {exc.strerror}. Check its permissions.") from None
+    return builder
+
+
+def read_table(path: str, setting: str) -> datasets.Dataset:
+    """Load one local data file through `datasets`, with errors that name the file and line."""
+    file = Path(path)
+    builder = check_data_file(path, setting)
     empty = DataError(f"{setting}: {path} holds no rows. Add data to it or point the setting at another file.")
     # datasets' JSON errors name neither line nor field; a plain pass over the file does.
     if builder == "json" and _check_json_lines(file, setting) == 0:
@@ -102,6 +116,14 @@ def read_table(path: str, setting: str) -> datasets.Dataset:
 
 def _check_json_lines(file: Path, setting: str) -> int:
     """Raise on the first line that is not a JSON object; return the number of rows."""
+    try:
+        return _count_json_rows(file, setting)
+    except UnicodeDecodeError as exc:
+        line = file.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{setting}: {file}:{line}: not UTF-8 text ({exc.reason}). Save the file as UTF-8.") from None
+
+
+def _count_json_rows(file: Path, setting: str) -> int:
     with file.open(encoding="utf-8") as fh:
         head = fh.read(1024).lstrip()
     if head.startswith("["):  # a JSON array, not JSON Lines
@@ -146,8 +168,9 @@ def row_locations(path: str, rows: int) -> list[str]:
             reader = csv.reader(fh)
             next(reader, None)
             starts, start = [], 2
-            for _ in reader:
-                starts.append(start)
+            for row in reader:
+                if row:  # blank lines are not rows, as for pandas
+                    starts.append(start)
                 start = reader.line_num + 1
         return [f"{path}:{n}" for n in starts[:rows]]
     return [f"{path} row {i}" for i in range(rows)]
@@ -347,7 +370,16 @@ def _render_prefix(messages: list[dict[str, str]], tokenizer: Any) -> str:
 def tokenize_chat(
     conversations: Sequence[list[dict[str, str]]], tokenizer: Any, train_on_prompt: bool
 ) -> tuple[list[list[int]], list[list[int]]]:
-    rendered = [assistant_spans(m, tokenizer) for m in conversations]
+    rendered = []
+    for messages in conversations:
+        try:
+            rendered.append(assistant_spans(messages, tokenizer))
+        except jinja2.TemplateError as exc:
+            first = next((m["content"] for m in messages if m["role"] == "user"), "")[:60]
+            raise DataError(
+                f"The model's chat template rejects a conversation ({exc}); the one whose first user message "
+                f"starts {first!r}. Fix that row (roles, their order) or use a model whose template accepts it."
+            ) from None
     encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     inputs, labels = [], []
     for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True):
@@ -383,6 +415,7 @@ def _tokenize_batch(
         "length": [min(len(ids), limit) for ids in inputs],
         "truncated": [len(ids) > limit for ids in inputs],
         "targets": [sum(t != IGNORE_INDEX for t in lab[:limit]) for lab in labels],
+        "untargeted": [all(t == IGNORE_INDEX for t in lab) for lab in labels],
     }
 
 
@@ -406,20 +439,32 @@ def tokenize_split(
     )
     truncated = int(sum(tokenized["truncated"]))
     targets = np.asarray(tokenized["targets"])
+    untargeted = int(sum(tokenized["untargeted"]))
     keep = np.flatnonzero(targets > 0)
     lengths = np.asarray(tokenized["length"])
     stats = SplitStats(
         rows=len(keep),
         truncated=truncated,
-        dropped=int(len(targets) - len(keep)),
+        untargeted=untargeted,
+        dropped=int(len(targets) - len(keep)) - untargeted,
         tokens=int(lengths[keep].sum()),
         target_tokens=int(targets[keep].sum()),
         max_length=int(lengths.max(initial=0)),
         p50_length=int(np.percentile(lengths[keep], 50)) if len(keep) else 0,
         p95_length=int(np.percentile(lengths[keep], 95)) if len(keep) else 0,
     )
-    if stats.dropped:
+    if len(keep) < len(targets):
         tokenized = tokenized.select(keep.tolist())
+    if untargeted:
+        # Only chat data can get here: the template renders a turn differently once later turns follow
+        # (or adds text to the generation prompt), so no assistant text could be located.
+        log.warning(
+            "%s: in %d of %d conversations no assistant turn could be located in the rendered chat template; "
+            "they are left out of training.",
+            name,
+            untargeted,
+            len(targets),
+        )
     if stats.truncated:
         log.warning(
             "%s: %d of %d samples are longer than dataset.maxSeqLength=%d and were truncated%s.",
@@ -429,12 +474,18 @@ def tokenize_split(
             cfg.max_seq_length,
             f"; {stats.dropped} lost every target token and were dropped" if stats.dropped else "",
         )
+    if stats.rows == 0 and untargeted:
+        raise DataError(
+            f"The {name} split has no conversation whose assistant turns could be located in the output of the "
+            "model's chat template (it renders earlier turns differently, or its generation prompt adds text). "
+            "Convert the data to prompt_completion, or set dataset.trainOnPrompt: true to learn every token."
+        )
     if stats.rows == 0:
         raise DataError(
             f"The {name} split has no sample with a target token left after truncation to "
             f"dataset.maxSeqLength={cfg.max_seq_length}. Raise dataset.maxSeqLength or shorten the prompts."
         )
-    return tokenized.remove_columns(["truncated", "targets"]), stats
+    return tokenized.remove_columns(["truncated", "targets", "untargeted"]), stats
 
 
 def prepare(cfg: DatasetConfig, tokenizer: Any) -> PreparedData:
@@ -459,27 +510,67 @@ def prepare(cfg: DatasetConfig, tokenizer: Any) -> PreparedData:
 PREPARED_META = "prepared.json"
 
 
+def file_signature(path: str) -> list[Any]:
+    """Size plus sha256 of the first and last MiB: catches edits and appends without reading
+    a many-gigabyte file whole."""
+    file = Path(path)
+    size = file.stat().st_size
+    digest = hashlib.sha256()
+    with file.open("rb") as fh:
+        digest.update(fh.read(1 << 20))
+        if size > 2 << 20:
+            fh.seek(-(1 << 20), os.SEEK_END)
+            digest.update(fh.read())
+    return [str(file.resolve()), size, digest.hexdigest()]
+
+
+def tokenizer_signature(tokenizer: Any) -> str:
+    """Changes whenever the tokenizer would tokenize differently."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [
+        backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True),
+        repr(sorted(tokenizer.special_tokens_map.items())),
+        str(tokenizer.chat_template),
+        str(getattr(tokenizer, "add_bos_token", None)),
+        str(getattr(tokenizer, "add_eos_token", None)),
+    ]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
 def data_fingerprint(cfg: DatasetConfig, tokenizer: Any) -> str:
     """Changes when the files, the data settings or the tokenizer change."""
-    files = []
-    for path in (cfg.path, cfg.validation_path, cfg.test_path):
-        if path:
-            stat = Path(path).stat()
-            files.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
     parts = {
         "dataset": cfg.model_dump(mode="json", exclude={"prepared_dir"}),
-        "files": files,
-        "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id, tokenizer.chat_template],
-        "layout": 1,  # bump when the tokenized columns change
+        "files": [file_signature(p) for p in (cfg.path, cfg.validation_path, cfg.test_path) if p],
+        "tokenizer": tokenizer_signature(tokenizer),
+        "layout": 2,  # bump when the tokenized columns change
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_prepared_dir(directory: Path, cfg: DatasetConfig) -> None:
+    """Refuse a preparedDir that holds anything but kubetune's prepared data: it gets replaced whole."""
+    inputs = [Path(p).resolve() for p in (cfg.path, cfg.validation_path, cfg.test_path) if p]
+    if any(directory.resolve() in p.parents for p in inputs):
+        raise DataError(
+            f"dataset.preparedDir={directory} contains the data files; kubetune replaces that directory whole. "
+            "Point it at a directory of its own, e.g. prepared.",
+            check="dataset.preparedDir",
+        )
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / PREPARED_META).is_file():
+        raise DataError(
+            f"dataset.preparedDir={directory} holds files that kubetune did not write; it replaces that "
+            "directory whole. Point it at an empty directory or one of its own.",
+            check="dataset.preparedDir",
+        )
 
 
 def save_prepared(data: PreparedData, directory: Path, fingerprint: str) -> None:
     """Write tokenized and raw splits to a sibling directory, then swap it into place."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in directory.parent.glob(f".{directory.name}.*"):  # a swap interrupted by a kill
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new-"))
     splits = {"train": data.train, "validation": data.validation, "test": data.test}
     datasets.DatasetDict({k: v for k, v in splits.items() if v is not None}).save_to_disk(str(tmp / "tokenized"))
     # datasets cannot load an empty split back from disk; absent means empty.
@@ -487,8 +578,8 @@ def save_prepared(data: PreparedData, directory: Path, fingerprint: str) -> None
     meta = {"fingerprint": fingerprint, "format": data.format, "stats": {k: vars(v) for k, v in data.stats.items()}}
     (tmp / PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     if directory.exists():
-        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-        os.replace(directory, old)
+        old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+        os.replace(directory, old / "prepared")
         os.replace(tmp, directory)
         shutil.rmtree(old)
     else:
@@ -522,6 +613,14 @@ def prepare_or_load(cfg: DatasetConfig, tokenizer: Any) -> PreparedData:
     if not cfg.prepared_dir:
         return prepare(cfg, tokenizer)
     directory = Path(cfg.prepared_dir)
+    check_prepared_dir(directory, cfg)
+    for path, setting in (
+        (cfg.path, "dataset.path"),
+        (cfg.validation_path, "dataset.validationPath"),
+        (cfg.test_path, "dataset.testPath"),
+    ):
+        if path:
+            check_data_file(path, setting)
     fingerprint = data_fingerprint(cfg, tokenizer)
     loaded = load_prepared(directory, fingerprint)
     if loaded is not None:

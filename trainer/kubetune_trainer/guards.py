@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -93,7 +94,7 @@ class StopRequest:
 
 
 class DivergenceGuard:
-    """Counts consecutive optimizer steps whose loss was not finite and skips their update."""
+    """Counts consecutive optimizer steps whose loss or gradients were not finite and skips their update."""
 
     def __init__(self, limit: int, skip_update: bool) -> None:
         self.limit = limit
@@ -110,8 +111,17 @@ class DivergenceGuard:
 
     def check_step(self, model: torch.nn.Module | None, step: int) -> bool:
         """Before the optimizer step: True if the run diverged. One device sync per step."""
-        bad = self._bad is not None and bool(self._bad.item())
+        flag = self._bad
         self._bad = None
+        if self.skip_update and model is not None:
+            # A finite loss can still give inf gradients (and inf weights after the update). Under
+            # fp16 that is the GradScaler's business: its early overflows are expected.
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if grads:
+                # Max-abs norms: a 2-norm overflows on large but finite gradients.
+                norms_bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=math.inf))).all()
+                flag = norms_bad if flag is None else flag | norms_bad.to(flag.device)
+        bad = flag is not None and bool(flag.item())
         if not bad:
             self.consecutive = 0
             return False
@@ -120,7 +130,8 @@ class DivergenceGuard:
             for p in model.parameters():
                 p.grad = None  # torch optimizers leave parameters without a gradient untouched
         log.warning(
-            "step %d: loss is not finite; optimizer step skipped (%d in a row, training.maxNonFiniteSteps=%d)",
+            "step %d: loss or gradients not finite; optimizer step skipped (%d in a row, "
+            "training.maxNonFiniteSteps=%d)",
             step,
             self.consecutive,
             self.limit,
@@ -129,6 +140,26 @@ class DivergenceGuard:
             self.diverged_at = step
             return True
         return False
+
+
+def apply_current_settings(args: TrainingArguments, state: TrainerState, optimizer: Any, scheduler: Any) -> None:
+    """On resume, Trainer restores the learning rate, weight decay and logging/eval intervals of
+    the checkpoint; the config's current values are the ones the user asked for."""
+    state.logging_steps = args.logging_steps
+    if args.eval_steps:
+        state.eval_steps = int(args.eval_steps)
+    if optimizer is None or scheduler is None:
+        return
+    for group in optimizer.param_groups:
+        group["initial_lr"] = args.learning_rate
+        if group.get("weight_decay"):  # bias and norm groups keep their 0
+            group["weight_decay"] = args.weight_decay
+    scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas:  # the rate for the next step, from the current schedule
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, lambdas, strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 @dataclass(frozen=True)
@@ -150,7 +181,9 @@ def decide_after_step(
     if diverged:
         return StepDecision(save=False, evaluate=False, stop=True)
     if stop_requested:
-        return StepDecision(save=not unhealthy, evaluate=False, stop=True)  # evaluate after resuming
+        # A due evaluation still starts (and is abandoned at its first batch, then saved): starting
+        # it draws from the RNG, so skipping it would make the resumed run differ from an unbroken one.
+        return StepDecision(save=not unhealthy, evaluate=default.evaluate, stop=True)
     save = (default.save or save_due or default.stop) and not unhealthy
     return StepDecision(save=save, evaluate=default.evaluate, stop=default.stop)
 
@@ -186,9 +219,19 @@ class RunControl(TrainerCallback):
         self.last_save_time = time.monotonic()
         self._evaluating = False
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        **_: Any,
+    ) -> None:
         self.last_save_step = state.global_step
         self.last_save_time = time.monotonic()
+        if state.global_step > 0:
+            apply_current_settings(args, state, optimizer, lr_scheduler)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **_: Any

@@ -148,7 +148,8 @@ def build_lora_config(cfg: LoraConfig) -> peft.LoraConfig:
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        # peft spells "every linear layer" as the string, not a one-element list.
+        target_modules="all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules,
         modules_to_save=cfg.modules_to_save or None,
         bias=cfg.bias,
         use_rslora=cfg.use_rslora,

@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
-from kubetune_trainer.config import TrainConfig, steps_per_epoch
+from kubetune_trainer import checkpoints
+from kubetune_trainer.config import TrainConfig, steps_per_epoch, total_steps, warmup_steps
 from kubetune_trainer.errors import ConfigError, PreflightError
 from kubetune_trainer.report import utc_now
 
@@ -158,8 +157,8 @@ def check_learning_rate(lr: float) -> Check:
 def check_steps(cfg: TrainConfig, train_rows: int) -> list[Check]:
     t = cfg.training
     per_epoch = steps_per_epoch(train_rows, t)
-    total = t.max_steps if t.max_steps is not None else int(np.ceil(t.epochs * per_epoch))
-    warmup = t.warmup_steps if t.warmup_steps is not None else int(np.ceil(total * t.warmup_ratio))
+    total = total_steps(t, train_rows)
+    warmup = warmup_steps(t, total)
     data = {"steps_per_epoch": per_epoch, "total_steps": total, "warmup_steps": warmup}
     checks = []
     if per_epoch <= 0 or total <= 0:
@@ -461,6 +460,17 @@ def run_preflight(cfg: TrainConfig, *, hardware: Any, expect_gpus: int, stage: s
             problem = _writable(path)
             free = None if problem else _free_bytes(path)
             report.add(check_disk(name, setting, path, minimum=minimum, want=want, free=free, writable=problem))
+        aside = checkpoints.set_aside_bytes(Path(cfg.checkpoints.dir))
+        if aside:
+            report.add(
+                Check(
+                    "disk.set_aside",
+                    "warn",
+                    f"{_mib(aside)} of checkpoints set aside in {Path(cfg.checkpoints.dir) / checkpoints.SET_ASIDE} "
+                    "(unverifiable ones; each has a SET_ASIDE_REASON.txt): delete them once you no longer need them",
+                    {"bytes": aside},
+                )
+            )
 
     if stage == "run":
         report.add(*check_gpu(hardware, expect_gpus))

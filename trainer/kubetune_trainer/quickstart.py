@@ -126,7 +126,7 @@ def build_tiny_model(
 def quickstart_config(workdir: Path, max_steps: int) -> dict[str, Any]:
     return {
         "model": {"nameOrPath": str(workdir / "base-model")},
-        "dataset": {"path": str(workdir / "qa.jsonl"), "maxSeqLength": 64},
+        "dataset": {"path": str(workdir / "qa.jsonl"), "maxSeqLength": 64, "preparedDir": str(workdir / "prepared")},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "modulesToSave": ["embed_tokens", "lm_head"]},
         "training": {
             "maxSteps": max_steps,
@@ -152,7 +152,7 @@ def claim_workdir(workdir: Path) -> None:
                 f"--dir {workdir} exists and was not made by `kubetune-train quickstart`; choose another --dir."
             )
         print(f"Starting over in {workdir}/ (replacing the earlier quickstart's model, data, checkpoints and output)")
-        for name in ("base-model", "checkpoints", "output"):
+        for name in ("base-model", "prepared", "checkpoints", "output"):
             shutil.rmtree(workdir / name, ignore_errors=True)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).write_text("made by kubetune-train quickstart; rerunning it replaces this directory\n")
@@ -247,8 +247,9 @@ def main(workdir: Path, *, max_steps: int, branches: int, samples: int) -> int:
         f"character similarity {sim_before:.0%} -> {sim_after:.0%}\n"
         f"Adapter, metrics.json and loss_curves.png in {cfg.output.dir} "
         f"({time.monotonic() - started:.0f}s in all).\n"
-        f"Next: edit {workdir / 'config.yaml'} (or pass --set key=value) and run "
-        f"`kubetune-train run {workdir / 'config.yaml'} --set output.dir={workdir / 'output-2'}`."
+        f"Next: edit {workdir / 'config.yaml'} or override settings, e.g.\n"
+        f"  kubetune-train run {workdir / 'config.yaml'} --set training.learningRate=1e-3 "
+        f"--set output.dir={workdir / 'run-2/output'} --set checkpoints.dir={workdir / 'run-2/checkpoints'}"
     )
     summary = {
         "exact_before": exact_before,

@@ -22,14 +22,22 @@ from typing import Any
 
 import torch
 import transformers
+from pydantic.alias_generators import to_camel
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from kubetune_trainer import checkpoints
 from kubetune_trainer.checkpoints import Checkpoint
-from kubetune_trainer.config import TrainConfig, steps_per_epoch
-from kubetune_trainer.data import EpochSeededSampler, PaddingCollator, PreparedData
-from kubetune_trainer.errors import ConfigError, DivergedError, Interrupted, StorageFullError, is_disk_full
+from kubetune_trainer.config import TrainConfig, total_steps, warmup_steps
+from kubetune_trainer.data import EpochSeededSampler, PaddingCollator, PreparedData, file_signature
+from kubetune_trainer.errors import (
+    ConfigError,
+    DivergedError,
+    Interrupted,
+    KubetuneError,
+    StorageFullError,
+    is_disk_full,
+)
 from kubetune_trainer.guards import DivergenceGuard, EvaluationAbandoned, RunControl, StopRequest
 from kubetune_trainer.model import Hardware, apply_lora, load_model, parameter_counts
 from kubetune_trainer.preflight import Preflight, run_preflight, write_report
@@ -57,27 +65,47 @@ class RunResult:
 # --------------------------------------------------------------------------- pure decisions
 
 
-def total_steps(cfg: TrainConfig, num_train_rows: int) -> int:
-    if cfg.training.max_steps is not None:
-        return cfg.training.max_steps
-    return math.ceil(cfg.training.epochs * steps_per_epoch(num_train_rows, cfg.training))
-
-
 def eval_interval(cfg: TrainConfig, steps: int) -> int:
     """Evaluate every evaluation.evalSteps steps, or ten times over the run by default."""
     return cfg.evaluation.eval_steps or max(1, steps // 10)
 
 
+# Settings a resumed run takes from the config, not from the checkpoint: they change the optimisation
+# from then on. Every other training setting is part of the run's identity.
+RESUMABLE_TRAINING = frozenset(
+    {
+        "epochs",
+        "max_steps",
+        "learning_rate",
+        "lr_scheduler",
+        "warmup_ratio",
+        "warmup_steps",
+        "weight_decay",
+        "max_grad_norm",
+        "gradient_checkpointing",
+        "logging_steps",
+        "max_non_finite_steps",
+    }
+)
+
+
 def run_identity(cfg: TrainConfig) -> dict[str, Any]:
-    """The settings a checkpoint depends on. Others (learning rate, steps, evaluation) may change on resume."""
+    """What a checkpoint belongs to: model, adapter, data (settings and file contents), batching, seed,
+    precision. Evaluation, checkpoint and output settings, and RESUMABLE_TRAINING, may change on resume."""
+    files = [p for p in (cfg.dataset.path, cfg.dataset.validation_path, cfg.dataset.test_path) if p]
     return {
         "model": cfg.model.model_dump(mode="json", include={"name_or_path", "revision"}),
         "lora": cfg.lora.model_dump(mode="json"),
         "dataset": cfg.dataset.model_dump(mode="json", exclude={"prepared_dir"}),
-        "training": cfg.training.model_dump(
-            mode="json", include={"batch_size", "gradient_accumulation_steps", "seed", "group_by_length"}
-        ),
+        "data_files": [file_signature(p) if Path(p).is_file() else None for p in files],
+        "training": cfg.training.model_dump(mode="json", exclude=set(RESUMABLE_TRAINING)),
     }
+
+
+def trajectory(cfg: TrainConfig) -> dict[str, Any]:
+    """The training settings that decide what a finished run produced."""
+    keys = RESUMABLE_TRAINING - {"gradient_checkpointing", "logging_steps", "max_non_finite_steps"}
+    return cfg.training.model_dump(mode="json", include=set(keys))
 
 
 def fingerprint(identity: dict[str, Any]) -> str:
@@ -85,7 +113,7 @@ def fingerprint(identity: dict[str, Any]) -> str:
 
 
 def training_arguments(
-    cfg: TrainConfig, *, precision: str, steps: int, has_validation: bool, fresh: bool
+    cfg: TrainConfig, *, precision: str, steps: int, has_validation: bool, evaluate_first: bool
 ) -> TrainingArguments:
     t, e = cfg.training, cfg.evaluation
     return TrainingArguments(
@@ -97,7 +125,7 @@ def training_arguments(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,
+        warmup_steps=warmup_steps(t, steps),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         bf16=precision == "bf16",
@@ -111,7 +139,8 @@ def training_arguments(
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_validation else "no",
-        eval_on_start=has_validation and fresh,  # the curve starts at the untrained adapter
+        # Fresh: the curve starts at the untrained adapter. Resumed: the evaluation a stop interrupted.
+        eval_on_start=has_validation and evaluate_first,
         eval_steps=eval_interval(cfg, steps) if has_validation else None,
         save_strategy="no",  # RunControl decides when to save; Trainer only writes
         report_to="none",
@@ -184,6 +213,7 @@ class ValidationTracker(TrainerCallback):
         self.best_step: int | None = None
         self.bad_evaluations = 0
         self.last: tuple[int, float] | None = None
+        self.saved_step = 0  # a step whose checkpoint already exists (the one a run resumed from)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **_: Any) -> None:
         loss = (metrics or {}).get("eval_loss")  # test-split evaluations report test_loss: not ours
@@ -192,7 +222,7 @@ class ValidationTracker(TrainerCallback):
         self.last = (state.global_step, float(loss))
         if is_improvement(loss, self.best_loss, self.min_delta):
             self.best_loss, self.best_step, self.bad_evaluations = float(loss), state.global_step, 0
-            if state.global_step > 0:
+            if state.global_step > self.saved_step:
                 control.should_save = True  # keep the best adapter on disk
             return
         self.bad_evaluations += 1
@@ -236,18 +266,26 @@ class CheckpointCommitter(TrainerCallback):
         self.tracker = tracker
         self.stop = stop
         self.identity = identity
+        self.trajectory = trajectory(cfg)
         self.fingerprint = fingerprint(identity)
 
     @property
     def latest(self) -> Checkpoint | None:
         return self.checkpoints[-1] if self.checkpoints else None
 
-    def on_save(self, args: Any, state: TrainerState, control: Any, **_: Any) -> None:
-        self.commit(state, complete=bool(control.should_training_stop) and not self.stop.requested)
+    def on_save(self, args: Any, state: TrainerState, control: Any, model: Any = None, **_: Any) -> None:
+        # Done: the last step, or early stopping (not a signal: SIGTERM stops "training" too).
+        complete = state.global_step >= state.max_steps or (
+            bool(control.should_training_stop) and not self.stop.requested
+        )
+        self.commit(state, model, complete=complete)
 
-    def commit(self, state: TrainerState, *, complete: bool) -> Checkpoint:
+    def commit(self, state: TrainerState, model: Any, *, complete: bool, pending_eval: bool = False) -> None:
         step = state.global_step
         staging = self.root / checkpoints.STAGING / checkpoints.checkpoint_name(step)
+        if model is not None and not trainable_weights_finite(model):
+            checkpoints.set_aside(self.root, staging, "the trained weights are not finite")
+            return
         checkpoint = checkpoints.commit(
             staging,
             self.root,
@@ -255,13 +293,34 @@ class CheckpointCommitter(TrainerCallback):
             epoch=float(state.epoch or 0.0),
             eval_loss=self.tracker.loss_at(step),
             fingerprint=self.fingerprint,
-            state={"validation": self.tracker.state(), "complete": complete, "identity": self.identity},
+            state={
+                "validation": self.tracker.state(),
+                "complete": complete,
+                "max_steps": state.max_steps,
+                "pending_eval": pending_eval,
+                "identity": self.identity,
+                "trajectory": self.trajectory,
+            },
         )
         self.checkpoints = [c for c in self.checkpoints if c.step != step] + [checkpoint]
-        self.checkpoints = checkpoints.prune(self.checkpoints, self.keep)
+        self.checkpoints = checkpoints.prune(self.checkpoints, self.keep, self.tracker.best_step)
         size = checkpoints.size_bytes(checkpoint.path)
         log.info("Saved %s, %.1f MB", checkpoints.describe(checkpoint), size / 1e6)
-        return checkpoint
+
+
+def trainable_weights_finite(model: torch.nn.Module) -> bool:
+    weights = [p.detach() for p in model.parameters() if p.requires_grad]
+    return not weights or all_finite(weights)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    return not bool(any_non_finite(tensors))
+
+
+def any_non_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor, no device sync. The max-abs norm cannot overflow, unlike the 2-norm
+    (the squares of weights near 1e20 already do), and NaN and inf propagate through it."""
+    return ~torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=math.inf))).all()
 
 
 # --------------------------------------------------------------------------- resume
@@ -282,12 +341,34 @@ def find_resume(cfg: TrainConfig, identity: dict[str, Any]) -> tuple[list[Checkp
     if newest.fingerprint != fingerprint(identity):
         theirs = checkpoints.read_state(newest).get("identity", {})
         differ = sorted(k for k in identity if theirs.get(k) != identity[k]) or ["(unknown)"]
+        what = ", ".join("data file contents" if k == "data_files" else f"{k} settings" for k in differ)
         raise ConfigError(
-            f"checkpoints.dir={root} holds checkpoints of a different run ({', '.join(differ)} settings differ "
-            f"from {newest.name}). Use another checkpoints.dir for this config, or restore those settings to "
-            "resume that run."
+            f"checkpoints.dir={root} holds checkpoints of a different run ({what} differ from {newest.name}). "
+            "Use another checkpoints.dir for this config, or restore those settings to resume that run."
         )
     return found, newest
+
+
+def finished_run(cfg: TrainConfig, resume: Checkpoint | None, steps: int) -> bool:
+    """Whether `resume` ends training for this config (then the run only evaluates and exports).
+
+    A finished run trained with other settings is refused: exporting its adapter under this config
+    would misreport how it was made. More steps than it was trained for continue training it.
+    """
+    if resume is None:
+        return False
+    state = checkpoints.read_state(resume)
+    if not state.get("complete") or steps > int(state.get("max_steps", 0)):
+        return False
+    theirs = state.get("trajectory", {})
+    differ = sorted(to_camel(k) for k, v in trajectory(cfg).items() if theirs.get(k, v) != v)
+    if differ:
+        raise ConfigError(
+            f"checkpoints.dir={cfg.checkpoints.dir} holds a finished run trained with other "
+            f"{', '.join('training.' + d for d in differ)}. Resuming would export that adapter under this config. "
+            "Use another checkpoints.dir to train with these settings, or raise the steps to continue training it."
+        )
+    return True
 
 
 # --------------------------------------------------------------------------- output
@@ -295,6 +376,8 @@ def find_resume(cfg: TrainConfig, identity: dict[str, Any]) -> tuple[list[Checkp
 
 def check_output_dir(out: Path, cfg: TrainConfig) -> None:
     """Refuse to overwrite the adapter of a different run; a rerun of the same config may."""
+    for leftover in out.glob(".export-*"):  # an export of ours cut short by a kill
+        shutil.rmtree(leftover, ignore_errors=True)
     if not (out / ADAPTER_FILES[1]).exists():
         return
     previous = out / "config.yaml"
@@ -373,6 +456,7 @@ class Recipe:
     stop: StopRequest
     guard: DivergenceGuard
     resume_from: Checkpoint | None
+    finished: bool  # resume_from ended training: evaluate and export only
     started: float
 
     @property
@@ -405,13 +489,16 @@ def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int
     trainable, total = parameter_counts(model)
     log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    steps = total_steps(cfg, len(data.train))
+    steps = total_steps(cfg.training, len(data.train))
+    finished = finished_run(cfg, resume_from, steps)
     has_validation = data.validation is not None
+    resume_state = checkpoints.read_state(resume_from) if resume_from is not None else {}
     stop = StopRequest(cfg.checkpoints.grace_seconds)
     guard = DivergenceGuard(cfg.training.max_non_finite_steps, skip_update=pf.precision != "fp16")
     tracker = ValidationTracker(cfg.evaluation.early_stopping_patience, cfg.evaluation.early_stopping_min_delta)
     if resume_from is not None:
-        tracker.load_state(checkpoints.read_state(resume_from).get("validation", {}))
+        tracker.load_state(resume_state.get("validation", {}))
+        tracker.saved_step = resume_from.step
     committer = CheckpointCommitter(cfg, existing, tracker, stop, identity)
     samples = (
         HighLossSamples(cfg.evaluation.high_loss_samples, out / "high_loss_samples.jsonl", data.train, pf.tokenizer)
@@ -432,7 +519,11 @@ def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int
     trainer = KubetuneTrainer(
         model=model,
         args=training_arguments(
-            cfg, precision=pf.precision, steps=steps, has_validation=has_validation, fresh=resume_from is None
+            cfg,
+            precision=pf.precision,
+            steps=steps,
+            has_validation=has_validation,
+            evaluate_first=resume_from is None or bool(resume_state.get("pending_eval")),
         ),
         train_dataset=data.train,
         eval_dataset=data.validation,
@@ -445,13 +536,13 @@ def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int
     )
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)
-    return Recipe(cfg, pf, model, trainer, tracker, committer, stop, guard, resume_from, started)
+    return Recipe(cfg, pf, model, trainer, tracker, committer, stop, guard, resume_from, finished, started)
 
 
 def train(recipe: Recipe) -> dict[str, float]:
     """Train (or resume) to the end; SIGTERM, divergence and a full disk end it with their own error."""
     trainer, stop, resume = recipe.trainer, recipe.stop, recipe.resume_from
-    if resume is not None and checkpoints.read_state(resume).get("complete"):
+    if recipe.finished:
         log.info("%s finished training; evaluating and exporting it", checkpoints.describe(resume))
         _load_checkpoint_weights(recipe.model, resume)
         trainer.state = TrainerState.load_from_json(str(resume.path / "trainer_state.json"))
@@ -460,13 +551,20 @@ def train(recipe: Recipe) -> dict[str, float]:
         log.info("Resuming from %s", checkpoints.describe(resume))
     stop.install()
     try:
-        output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
-    except EvaluationAbandoned:
-        # Weights, optimizer and data position are those of the last finished step: save them.
-        if trainer.state.global_step > 0:
-            trainer._save_checkpoint(trainer.model, trial=None)
-            recipe.committer.commit(trainer.state, complete=False)
-        raise _interrupted(recipe) from None
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+        except EvaluationAbandoned:
+            # Weights, optimizer and data position are those of the last finished step: save them, and
+            # note that its evaluation is owed (the resumed run does it first).
+            if trainer.state.global_step > 0 and recipe.guard.consecutive == 0:
+                trainer._save_checkpoint(trainer.model, trial=None)
+                state = trainer.state
+                recipe.committer.commit(
+                    state, trainer.model, complete=state.global_step >= state.max_steps, pending_eval=True
+                )
+            raise _interrupted(recipe) from None
+    except KubetuneError:
+        raise
     except Exception as exc:
         if is_disk_full(exc) or _save_failed_for_space(recipe):
             raise _disk_full(recipe, exc) from None
@@ -497,8 +595,8 @@ def _diverged(recipe: Recipe) -> DivergedError:
     latest = recipe.committer.latest
     keep = f"The newest checkpoint, {checkpoints.describe(latest)}, is kept. " if latest else ""
     return DivergedError(
-        f"Training diverged: the loss was not finite for {cfg.training.max_non_finite_steps} steps in a row "
-        f"(at step {recipe.guard.diverged_at}). {keep}Lower training.learningRate (now "
+        f"Training diverged: the loss or gradients were not finite for {cfg.training.max_non_finite_steps} steps "
+        f"in a row (at step {recipe.guard.diverged_at}). {keep}Lower training.learningRate (now "
         f"{cfg.training.learning_rate:g}), check the data, or use precision bf16/fp32 instead of fp16."
     )
 
@@ -506,7 +604,7 @@ def _diverged(recipe: Recipe) -> DivergedError:
 def _save_failed_for_space(recipe: Recipe) -> bool:
     """After an error: was a checkpoint being written, and is the volume out of room for one?"""
     staging = Path(recipe.cfg.checkpoints.dir) / checkpoints.STAGING
-    if not staging.is_dir():
+    if not any(staging.glob(f"{checkpoints.PREFIX}*")):  # Trainer makes .staging itself at start
         return False
     latest = recipe.committer.latest
     largest = max((f.stat().st_size for f in latest.path.iterdir() if f.is_file()), default=0) if latest else 0
