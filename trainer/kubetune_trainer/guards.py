@@ -218,6 +218,7 @@ class RunControl(TrainerCallback):
         self.last_save_step = 0
         self.last_save_time = time.monotonic()
         self._evaluating = False
+        self._training = False
 
     def on_train_begin(
         self,
@@ -230,6 +231,7 @@ class RunControl(TrainerCallback):
     ) -> None:
         self.last_save_step = state.global_step
         self.last_save_time = time.monotonic()
+        self._training = True
         if state.global_step > 0:
             apply_current_settings(args, state, optimizer, lr_scheduler)
 
@@ -264,7 +266,7 @@ class RunControl(TrainerCallback):
     def on_prediction_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
-        if not self._evaluating:
+        if not self._evaluating and self._training:
             self._evaluating = True
             log.info("step %d: evaluating", state.global_step)
         if self.stop.requested:
@@ -273,3 +275,6 @@ class RunControl(TrainerCallback):
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
         self._evaluating = False
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        self._training = False

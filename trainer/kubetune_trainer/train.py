@@ -663,6 +663,7 @@ def finish(recipe: Recipe, train_metrics: dict[str, float]) -> RunResult:
             final.update(trainer.evaluate(data.validation))
     if data.test is not None:
         final.update(trainer.evaluate(data.test, metric_key_prefix="test"))
+        log.info("Test split: loss %.4f (%d samples)", final["test_loss"], len(data.test))
 
     trainable, total = parameter_counts(recipe.model)
     train_losses = [h["loss"] for h in history if "loss" in h]
