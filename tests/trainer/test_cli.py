@@ -125,3 +125,19 @@ def test_quickstart_learns_and_shows_it(tmp_path):
     from kubetune_trainer.config import load_config
 
     assert load_config(tmp_path / "qs" / "config.yaml").output.dir == "qs/output"
+
+
+def test_a_failure_leaves_its_reason_and_message_for_kubernetes(config_file, tmp_path):
+    log = tmp_path / "termination-log"
+    script = Path(sys.executable).with_name("kubetune-train")
+    proc = subprocess.run(
+        [str(script), "run", str(config_file({"training": {"batchSize": "eight"}}))],
+        env={**os.environ, "KUBETUNE_TERMINATION_LOG": str(log)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    message = json.loads(log.read_text())
+    assert message["reason"] == "InvalidSpec"
+    assert "training.batchSize: Input should be a valid integer" in message["message"]

@@ -164,23 +164,45 @@ def setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
+
+
+def report_failure(error: KubetuneError) -> int:
+    """Print the error; in a pod, also leave it as the container's termination message, which
+    Kubernetes keeps in the pod status (the operator shows it in the TrainingRun)."""
+    print(f"kubetune-train: error: {error}", file=sys.stderr)
+    path = os.environ.get(TERMINATION_LOG_ENV)
+    if path:
+        try:
+            Path(path).write_text(json.dumps({"reason": error.reason, "message": str(error)})[:4000])
+        except OSError as exc:
+            log.warning("could not write the termination message to %s: %s", path, exc)
+    return error.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from kubetune_trainer.errors import OutOfMemoryError, StorageFullError, disk_full_message
+
     try:
         return args.func(args)
     except KubetuneError as exc:
-        print(f"kubetune-train: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report_failure(exc)
     except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            return report_failure(
+                OutOfMemoryError(
+                    f"The GPU ran out of memory ({str(exc).splitlines()[0][:200]}). Lower training.batchSize or "
+                    "dataset.maxSeqLength, set training.gradientCheckpointing: true, or use a larger GPU; "
+                    "`kubetune-train preflight` estimates the memory a config needs."
+                )
+            )
         # A full disk can surface from any writer (the datasets cache, a log, an export).
-        from kubetune_trainer.errors import StorageFullError, disk_full_message
-
         message = disk_full_message(exc)
         if message is None:
             raise
-        print(f"kubetune-train: error: {message}", file=sys.stderr)
-        return StorageFullError.exit_code
+        return report_failure(StorageFullError(message))
     except KeyboardInterrupt:
         print("kubetune-train: interrupted", file=sys.stderr)
         return 130

@@ -139,13 +139,13 @@ class LoraConfig(_Section):
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator; the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["all-linear"],
+        ["all-linear"],
         min_length=1,
         description="Module names (or name suffixes) that get LoRA adapters; [all-linear] adapts every "
         "linear layer except the output head. A single name may be written without the list.",
     )
     modules_to_save: list[str] = Field(
-        default_factory=list,
+        [],
         description="Modules trained in full and saved with the adapter, such as embed_tokens or lm_head.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")

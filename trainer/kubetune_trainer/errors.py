@@ -7,19 +7,27 @@ the operator contract (ARCHITECTURE.md, contract 3)::
     ├── PreflightError       exit 3   a preflight check failed
     ├── DivergedError        exit 4   the loss stopped being finite
     ├── StorageFullError     exit 5   the checkpoint or output volume is full
+    ├── OutOfMemoryError     exit 6   the GPU ran out of memory
     └── Interrupted          exit 143 stopped by SIGTERM after saving a checkpoint
 
 The CLI prints ``str(error)`` and exits with ``error.exit_code``; a user error never
 shows a traceback. Messages say what to change, not only what went wrong. ``reason``
 is the machine-readable word the operator puts in the TrainingRun's status.
 
-Exit 5 extends the contract: retrying on a full volume cannot succeed and would hold a
-GPU to train up to the next save again, so the Job should fail at once, not retry.
+Exits 5 and 6 extend the contract: retrying on a full volume, or with the same batch on
+the same GPU, cannot succeed and would hold the GPU to fail again, so the Job fails at
+once instead of retrying.
 """
 
 from __future__ import annotations
 
 import errno
+import signal
+from collections.abc import Mapping
+from types import MappingProxyType
+
+# Exit codes after a graceful stop, as a shell reports death by these signals (128 + signum).
+SIGNAL_EXIT_CODES: Mapping[signal.Signals, int] = MappingProxyType({signal.SIGTERM: 143, signal.SIGINT: 130})
 
 
 class KubetuneError(Exception):
@@ -54,6 +62,11 @@ class DivergedError(KubetuneError):
 class StorageFullError(KubetuneError):
     exit_code = 5
     reason = "VolumeFull"
+
+
+class OutOfMemoryError(KubetuneError):
+    exit_code = 6
+    reason = "OutOfMemory"
 
 
 class Interrupted(KubetuneError):

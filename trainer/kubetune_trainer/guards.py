@@ -19,18 +19,15 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-log = logging.getLogger(__name__)
+from kubetune_trainer.errors import SIGNAL_EXIT_CODES as EXIT_CODES
 
-# Exit codes after a graceful stop, as a shell reports death by these signals (128 + signum).
-EXIT_CODES: Mapping[signal.Signals, int] = MappingProxyType({signal.SIGTERM: 143, signal.SIGINT: 130})
+log = logging.getLogger(__name__)
 
 
 class EvaluationAbandoned(Exception):

@@ -1,0 +1,258 @@
+"""The TrainingRun API: the one source of the CRD schema and of the operator's own validation.
+
+`TrainingRunSpec` is the trainer's `TrainConfig` plus the Kubernetes fields, so the
+training part of a TrainingRun is exactly a local config file. `crd.py` renders the
+CRD from these models: descriptions, defaults, enums and the CEL rules declared here
+(`cel_rules`) all come from this module.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic.alias_generators import to_camel
+
+from kubetune_trainer.config import TrainConfig
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+KIND = "TrainingRun"
+PLURAL = "trainingruns"
+SINGULAR = "trainingrun"
+SHORT_NAMES = ("tr",)
+CATEGORIES = ("kubetune",)
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# A Kubernetes resource quantity: 4, "500m", "32Gi". Rendered as int-or-string like the core API.
+_QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+Quantity = Annotated[
+    int | str,
+    WithJsonSchema(
+        {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": _QUANTITY}
+    ),
+    Field(union_mode="left_to_right"),
+]
+# A free-form object checked by the API server where it is used (affinity).
+FreeForm = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+    # CEL rules rendered into the CRD as x-kubernetes-validations on this object: (rule, message).
+    # Each mirrors a pydantic validator of the same model; tests/operator/test_crd.py checks they agree.
+    cel_rules: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+
+class ResourcesSpec(_Model):
+    gpu: int = Field(1, ge=0, description="GPUs for the training pod; 0 trains on CPU.")
+    gpu_resource: str = Field(
+        "nvidia.com/gpu", min_length=1, description="Extended resource name of the GPU, e.g. amd.com/gpu."
+    )
+    gpu_type: str | None = Field(
+        None,
+        description="Required value of the node label gpuTypeLabel, e.g. NVIDIA-H100-80GB-HBM3; any GPU when unset.",
+    )
+    gpu_type_label: str = Field(
+        "nvidia.com/gpu.product", description="Node label that carries the GPU type (NVIDIA GPU feature discovery)."
+    )
+    cpu: Quantity = Field("4", description="CPU request and limit of the training pod.")
+    memory: Quantity = Field("32Gi", description="Memory request and limit of the training pod.")
+    prepare_cpu: Quantity = Field("2", description="CPU request and limit of the prepare pod (no GPU).")
+    prepare_memory: Quantity = Field("8Gi", description="Memory request and limit of the prepare pod.")
+
+
+class StorageSpec(_Model):
+    size: Quantity = Field("50Gi", description="Size of the run's volume (cache, data, checkpoints, output).")
+    storage_class_name: str | None = Field(
+        None, description="Storage class of the volume; the cluster default when unset."
+    )
+    existing_claim: str | None = Field(
+        None, description="Use this PersistentVolumeClaim (e.g. one holding the data) instead of creating one."
+    )
+    delete_with_run: bool = Field(
+        False,
+        description="Delete the created volume, and the adapter on it, when the TrainingRun is deleted. By default "
+        "it is kept.",
+    )
+
+
+class KeySelector(_Model):
+    name: str = Field(min_length=1, description="Name of the Secret or ConfigMap.")
+    key: str = Field(min_length=1, description="Key within it.")
+
+
+class EnvVarSource(_Model):
+    secret_key_ref: KeySelector | None = Field(None, description="A key of a Secret in the run's namespace.")
+    config_map_key_ref: KeySelector | None = Field(None, description="A key of a ConfigMap in the run's namespace.")
+
+    cel_rules = (
+        ("has(self.secretKeyRef) != has(self.configMapKeyRef)", "set exactly one of secretKeyRef and configMapKeyRef"),
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvVarSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("set exactly one of secretKeyRef and configMapKeyRef")
+        return self
+
+
+class EnvVar(_Model):
+    name: str = Field(min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name.")
+    value: str | None = Field(None, description="Literal value.")
+    value_from: EnvVarSource | None = Field(None, description="Take the value from a Secret or ConfigMap key.")
+
+    cel_rules = (("has(self.value) != has(self.valueFrom)", "set exactly one of value and valueFrom"),)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvVar:
+        if (self.value is None) == (self.value_from is None):
+            raise ValueError("set exactly one of value and valueFrom")
+        return self
+
+
+class Toleration(_Model):
+    key: str | None = Field(None, description="Taint key; all taints when unset and operator is Exists.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="How key and value are compared.")
+    value: str | None = Field(None, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; all when unset."
+    )
+    toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound.")
+
+
+# Spec fields that may change while a run exists; everything else is fixed at creation,
+# because the ConfigMap, volume and Jobs were made from it.
+MUTABLE_FIELDS = ("suspend", "maxRestarts", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
+
+
+class TrainingRunSpec(TrainConfig):
+    """What to train (the trainer's config) and how to run it on Kubernetes."""
+
+    image: str | None = Field(
+        None, description="Trainer image; the operator's default (Helm value trainer.image) when unset."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="Image pull policy of the trainer containers; the Kubernetes default when unset."
+    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute for the pods.")
+    node_selector: dict[str, str] = Field({}, description="Node labels the training pod requires.")
+    tolerations: list[Toleration] = Field([], description="Taints the pods tolerate.")
+    affinity: FreeForm | None = Field(None, description="Pod affinity, as in a PodSpec.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="The run's volume, mounted at /workspace.")
+    env: list[EnvVar] = Field([], description="Extra environment variables for the trainer.")
+    hf_token_secret: KeySelector | None = Field(
+        None, description="Secret key with a Hugging Face token, passed as HF_TOKEN (for gated models)."
+    )
+    suspend: bool = Field(
+        False,
+        description="Suspend the run: the trainer saves a checkpoint and stops; false resumes from it.",
+    )
+    queue_name: str | None = Field(
+        None,
+        description="Kueue LocalQueue. The training Job is created suspended with the kueue.x-k8s.io/queue-name "
+        "label and starts when Kueue admits it.",
+    )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Failed training pods retried before the run fails (the Job's backoffLimit). Evictions and "
+        "preemptions do not count.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the training Job after this many seconds of running."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the finished Jobs (not the run or its volume) this many seconds after."
+    )
+    termination_grace_period_seconds: int = Field(
+        60,
+        ge=10,
+        description="Seconds between SIGTERM and SIGKILL for the trainer pods; checkpoints.graceSeconds must be "
+        "below it so the trainer exits on its own after saving.",
+    )
+
+    cel_rules = (
+        *TrainConfig.cel_rules,
+        (
+            "self.checkpoints.graceSeconds < double(self.terminationGracePeriodSeconds)",
+            "checkpoints.graceSeconds must be below terminationGracePeriodSeconds",
+        ),
+        (
+            "!has(self.storage.existingClaim) || !self.storage.deleteWithRun",
+            "storage.deleteWithRun applies only to a volume the operator creates, not to existingClaim",
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _kubernetes_rules(self) -> TrainingRunSpec:
+        if self.checkpoints.grace_seconds >= self.termination_grace_period_seconds:
+            raise ValueError("checkpoints.graceSeconds must be below terminationGracePeriodSeconds")
+        if self.storage.existing_claim is not None and self.storage.delete_with_run:
+            raise ValueError(
+                "storage.deleteWithRun applies only to a volume the operator creates, not to existingClaim"
+            )
+        return self
+
+    def train_config(self) -> TrainConfig:
+        """The trainer's part of the spec, as the file the trainer pods read."""
+        return TrainConfig.model_validate(self.model_dump(include=set(TrainConfig.model_fields), by_alias=True))
+
+
+class Condition(_Model):
+    type: str = Field(description="Initialized, Admitted, Running, Suspended, Succeeded or Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
+    reason: str = Field(description="Machine-readable reason, CamelCase.")
+    message: str = Field("", description="What happened, for people.")
+    last_transition_time: str = Field(description="When the status last changed.")
+    observed_generation: int | None = Field(None, description="The spec generation this was computed from.")
+
+
+Phase = Literal["Pending", "Initializing", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
+
+
+class OutputStatus(_Model):
+    volume: str = Field(description="PersistentVolumeClaim holding the run's files.")
+    path: str = Field(description="Directory of the adapter on that volume.")
+
+
+class TrainingRunStatus(_Model):
+    """Two writers, disjoint fields: the operator writes the first group, the trainer the second."""
+
+    model_config = ConfigDict(extra="allow")  # a newer trainer may report fields this operator does not know
+
+    phase: Phase | None = Field(None, description="Where the run is in its life.")
+    reason: str | None = Field(None, description="Why it is in that phase, CamelCase (e.g. Unschedulable, Diverged).")
+    message: str | None = Field(None, description="What happened and, for a failure, what to change.")
+    conditions: list[Condition] = Field([], description="Detailed state, one entry per type.")
+    observed_generation: int | None = Field(None, description="The spec generation the operator last acted on.")
+    job_name: str | None = Field(None, description="The training Job.")
+    restarts: int = Field(0, description="Training pods that failed or were evicted and were replaced.")
+    start_time: str | None = Field(None, description="When training started.")
+    completion_time: str | None = Field(None, description="When the run succeeded or failed.")
+    output: OutputStatus | None = Field(None, description="Where the exported adapter is.")
+
+    progress: FreeForm | None = Field(None, description="Written by the trainer: step, loss, throughput, ETA.")
+    checkpoint: FreeForm | None = Field(None, description="Written by the trainer: latest and best checkpoint.")
+    preflight: FreeForm | None = Field(None, description="Written by the trainer: the preflight report.")
+    evaluation: FreeForm | None = Field(None, description="Written by the trainer: evaluation results.")
+
+    OPERATOR_FIELDS: ClassVar[tuple[str, ...]] = (
+        "phase",
+        "reason",
+        "message",
+        "conditions",
+        "observedGeneration",
+        "jobName",
+        "restarts",
+        "startTime",
+        "completionTime",
+        "output",
+    )
+    TRAINER_FIELDS: ClassVar[tuple[str, ...]] = ("progress", "checkpoint", "preflight", "evaluation")

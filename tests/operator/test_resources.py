@@ -1,0 +1,189 @@
+"""Child manifests: valid Kubernetes objects with fixed names, owners, least privilege and the failure policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from kubetune_operator import api
+from kubetune_operator import constants as c
+from kubetune_operator import resources as r
+from kubetune_trainer.config import parse_config
+
+RUN = r.RunRef("my-run", "ml", "0b4f7e3a-1111-2222-3333-444455556666")
+SETTINGS = r.OperatorSettings(trainer_image="registry.local/kubetune/trainer:0.1.0")
+BASE = {"model": {"nameOrPath": "Qwen/Qwen2.5-0.5B-Instruct"}, "dataset": {"path": "data/chat.jsonl"}}
+VARIANTS = {
+    "defaults": {},
+    "cpu only": {"resources": {"gpu": 0, "cpu": 2, "memory": "4Gi"}},
+    "existing claim": {"storage": {"existingClaim": "team-data"}},
+    "everything": {
+        "image": "registry.local/custom:1",
+        "imagePullPolicy": "Always",
+        "resources": {
+            "gpu": 4,
+            "gpuResource": "nvidia.com/gpu",
+            "gpuType": "NVIDIA-H100-80GB-HBM3",
+            "cpu": "32",
+            "memory": "256Gi",
+        },
+        "nodeSelector": {"pool": "training"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]
+                }
+            }
+        },
+        "priorityClassName": "training-high",
+        "storage": {"size": "500Gi", "storageClassName": "fast", "deleteWithRun": True},
+        "env": [
+            {"name": "WANDB_MODE", "value": "offline"},
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+        ],
+        "hfTokenSecret": {"name": "hf", "key": "token"},
+        "suspend": True,
+        "queueName": "gpu-queue",
+        "maxRestarts": 5,
+        "activeDeadlineSeconds": 86400,
+        "ttlSecondsAfterFinished": 3600,
+        "terminationGracePeriodSeconds": 120,
+    },
+}
+
+
+def build(variant: str) -> tuple[api.TrainingRunSpec, list[dict[str, Any]]]:
+    spec = api.TrainingRunSpec.model_validate({**BASE, **VARIANTS[variant]})
+    return spec, [*r.base_children(RUN, spec, SETTINGS), r.train_job(RUN, spec, SETTINGS)]
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "1.36.0"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_manifest_validates(variant, version):
+    for manifest in build(variant)[1]:
+        kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def by_kind(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for m in manifests:
+        key = m["kind"] if m["kind"] != "Job" else m["metadata"]["name"]
+        out[key] = m
+    return out
+
+
+def test_names_are_fixed_and_fit_even_for_the_longest_run_name():
+    long_run = r.RunRef("r" * c.MAX_RUN_NAME, "ml", "uid")
+    spec = api.TrainingRunSpec.model_validate(BASE)
+    for m in [*r.base_children(long_run, spec, SETTINGS), r.train_job(long_run, spec, SETTINGS)]:
+        assert m["metadata"]["name"].startswith(long_run.name + "-")
+        assert len(m["metadata"]["name"]) <= 63
+    assert r.base_children(RUN, spec, SETTINGS) == r.base_children(RUN, spec, SETTINGS), "pure: same in, same out"
+
+
+def test_every_child_but_the_volume_goes_with_the_run():
+    _, manifests = build("defaults")
+    for m in manifests:
+        owners = m["metadata"].get("ownerReferences", [])
+        if m["kind"] == "PersistentVolumeClaim":
+            assert owners == [], "the adapter's volume outlives the run unless asked"
+        else:
+            assert owners == [RUN.owner_reference()]
+        assert m["metadata"]["labels"][c.LABEL_RUN] == RUN.name
+    claim = by_kind(build("everything")[1])["PersistentVolumeClaim"]
+    assert claim["metadata"]["ownerReferences"] == [RUN.owner_reference()]  # deleteWithRun
+    assert claim["spec"]["storageClassName"] == "fast"
+
+
+def test_existing_claim_is_mounted_and_no_volume_is_made():
+    kinds = by_kind(build("existing claim")[1])
+    assert "PersistentVolumeClaim" not in kinds
+    for job in ("my-run-prepare", "my-run-train"):
+        volumes = {v["name"]: v for v in kinds[job]["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["workspace"]["persistentVolumeClaim"]["claimName"] == "team-data"
+
+
+def test_the_trainer_may_patch_its_own_status_and_nothing_else():
+    role = by_kind(build("defaults")[1])["Role"]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["kubetune.io"],
+            "resources": ["trainingruns/status"],
+            "resourceNames": ["my-run"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    binding = by_kind(build("defaults")[1])["RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "my-run-trainer", "namespace": "ml"}]
+
+
+def test_training_job_retries_only_what_a_retry_can_fix():
+    spec, manifests = build("defaults")
+    job = by_kind(manifests)["my-run-train"]["spec"]
+    assert job["backoffLimit"] == spec.max_restarts
+    fail, ignore = job["podFailurePolicy"]["rules"]
+    assert fail == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 4, 5, 6]},
+    }
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert c.EXIT_SIGTERM not in fail["onExitCodes"]["values"], "a SIGTERM exit is retried (counted)"
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["suspend"] is False
+
+
+def test_pods_run_locked_down():
+    pod = by_kind(build("defaults")[1])["my-run-train"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = pod["containers"][0]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/workspace", "/etc/kubetune", "/tmp", "/dev/shm"} == mounts
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_gpus_scheduling_and_lifecycle_reach_the_job():
+    _, manifests = build("everything")
+    kinds = by_kind(manifests)
+    train = kinds["my-run-train"]
+    pod = train["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert container["args"] == ["run", "/etc/kubetune/config.yaml", "--expect-gpus", "4"]
+    assert container["image"] == "registry.local/custom:1"
+    assert pod["nodeSelector"] == {"pool": "training", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["priorityClassName"] == "training-high"
+    assert pod["terminationGracePeriodSeconds"] == 120
+    assert train["metadata"]["labels"][c.LABEL_KUEUE_QUEUE] == "gpu-queue"
+    assert train["spec"]["suspend"] is True
+    assert train["spec"]["activeDeadlineSeconds"] == 86400
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    assert env["WANDB_MODE"]["value"] == "offline"
+    assert env[c.TERMINATION_ENV]["value"] == c.TERMINATION_LOG
+    # The prepare pod goes where the training pod will (the volume binds in its zone), without GPUs.
+    prepare = kinds["my-run-prepare"]["spec"]["template"]["spec"]
+    assert prepare["nodeSelector"] == pod["nodeSelector"]
+    assert "nvidia.com/gpu" not in prepare["containers"][0]["resources"]["limits"]
+
+
+def test_cpu_only_runs_ask_for_no_gpu():
+    container = by_kind(build("cpu only")[1])["my-run-train"]["spec"]["template"]["spec"]["containers"][0]
+    assert set(container["resources"]["limits"]) == {"cpu", "memory"}
+    assert container["args"][-1] == "0"
+
+
+def test_the_trainer_config_is_the_training_part_of_the_spec():
+    spec, manifests = build("everything")
+    text = by_kind(manifests)["ConfigMap"]["data"]["config.yaml"]
+    assert parse_config(text) == spec.train_config()
+    assert "queueName" not in text
+    assert "image" not in text
