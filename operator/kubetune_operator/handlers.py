@@ -16,6 +16,7 @@ TrainingRuns: deleting one never waits for the operator. Children go by ownerRef
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import threading
@@ -30,7 +31,7 @@ from pydantic import ValidationError
 from kubetune_operator import api, resources
 from kubetune_operator import constants as c
 from kubetune_operator.kube import Kube, is_transient
-from kubetune_operator.status import Derived, JobView, Observation, derive
+from kubetune_operator.status import Derived, JobView, Observation, PodLedger, derive
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ def validate(spec: Any, name: str) -> tuple[api.TrainingRunSpec | None, str | No
     return parsed, None
 
 
-def observe(kube: Kube, body: dict[str, Any], spec: api.TrainingRunSpec | None, invalid: str | None) -> Observation:
+def observe(
+    kube: Kube, body: dict[str, Any], spec: api.TrainingRunSpec | None, invalid: str | None, ledger: PodLedger
+) -> Observation:
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     jobs, pods = kube.children(namespace, name) if invalid is None else ({}, [])
@@ -78,6 +81,8 @@ def observe(kube: Kube, body: dict[str, Any], spec: api.TrainingRunSpec | None, 
         owned = [p for p in pods if p["metadata"].get("labels", {}).get("job-name") == job["metadata"]["name"]]
         return JobView.from_dict(job, owned)
 
+    train = job_view(c.TRAIN)
+    restarts = ledger.look(train, suspended=bool(spec and spec.suspend) or bool(train and train.suspended))
     volume = None
     if spec is not None:
         volume = resources.volume_claim_name(resources.RunRef(name, namespace, meta.get("uid", "")), spec)
@@ -87,10 +92,11 @@ def observe(kube: Kube, body: dict[str, Any], spec: api.TrainingRunSpec | None, 
         spec=spec,
         invalid=invalid,
         prepare=job_view(c.PREPARE),
-        train=job_view(c.TRAIN),
+        train=train,
         previous=dict(body.get("status") or {}),
         now=datetime.now(timezone.utc),
         volume=volume,
+        restarts=restarts,
     )
 
 
@@ -112,10 +118,13 @@ def act(
     elif obs.train is not None and not (obs.train.complete or obs.train.failed_condition):
         # Suspend on request or when the run failed in a way the Job cannot see. Unsuspending a queued
         # Job is Kueue's decision, not ours.
-        want = spec.suspend or derived.stop_train or (obs.train.suspended and bool(spec.queue_name))
+        want = spec.suspend or derived.stop_jobs or (obs.train.suspended and bool(spec.queue_name))
         if want != obs.train.suspended:
             kube.set_job_suspended(run.namespace, obs.train.name, want)
             changed = True
+    if derived.stop_jobs and obs.prepare is not None and not obs.prepare.suspended and not obs.prepare.complete:
+        kube.set_job_suspended(run.namespace, obs.prepare.name, True)
+        changed = True
     return changed
 
 
@@ -128,14 +137,20 @@ def status_patch(previous: dict[str, Any], derived: Derived) -> dict[str, Any] |
     return None if mine == derived.status else derived.status
 
 
-def reconcile(kube: Kube, settings: resources.OperatorSettings, body: dict[str, Any]) -> Derived:
-    """One pass: observe, derive, act, observe again if acting changed anything, patch the status once."""
+def reconcile(
+    kube: Kube, settings: resources.OperatorSettings, body: dict[str, Any], ledger: PodLedger | None = None
+) -> Derived:
+    """One pass: observe, derive, act, observe again if acting changed anything, patch the status once.
+
+    `ledger` follows the run's training pods across passes (for restarts)."""
+    ledger = PodLedger() if ledger is None else ledger
     meta = body["metadata"]
     spec, invalid = validate(body.get("spec"), meta["name"])
-    obs = observe(kube, body, spec, invalid)
+    obs = observe(kube, body, spec, invalid, ledger)
     derived = derive(obs)
-    if act(kube, settings, body, obs, derived):
-        obs = observe(kube, body, spec, invalid)
+    # A terminal verdict stands: what acting on it does (stopping a Job) must not be read back as progress.
+    if act(kube, settings, body, obs, derived) and derived.phase not in c.TERMINAL:
+        obs = observe(kube, body, spec, invalid, ledger)
         derived = derive(obs)
     patch = status_patch(obs.previous, derived)
     if patch is not None:
@@ -159,8 +174,12 @@ class Runs:
 
     def __init__(self) -> None:
         self.bodies: dict[tuple[str, str], dict[str, Any]] = {}
+        self.ledgers: defaultdict[tuple[str, str], PodLedger] = defaultdict(PodLedger)
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._guard = threading.Lock()
+        # kopf's event poster is reached through context variables that only handler calls carry;
+        # the resync loop runs its reconciles in a copy of a handler's context.
+        self.handler_context: contextvars.Context | None = None
 
     def lock(self, key: tuple[str, str]) -> threading.Lock:
         with self._guard:
@@ -169,13 +188,14 @@ class Runs:
     def forget(self, key: tuple[str, str]) -> None:
         with self._guard:
             self.bodies.pop(key, None)
+            self.ledgers.pop(key, None)
             self._locks.pop(key, None)
 
 
 def _reconcile_locked(memo: kopf.Memo, body: dict[str, Any]) -> Derived:
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     with memo.runs.lock(key):
-        return reconcile(memo.kube, memo.settings, body)
+        return reconcile(memo.kube, memo.settings, body, memo.runs.ledgers[key])
 
 
 async def _resync_forever(memo: kopf.Memo) -> None:
@@ -184,8 +204,11 @@ async def _resync_forever(memo: kopf.Memo) -> None:
         for key, body in list(memo.runs.bodies.items()):
             if (body.get("status") or {}).get("phase") in c.TERMINAL:
                 continue
+            context = memo.runs.handler_context
+            if context is None:
+                continue  # no handler has run yet, so nothing was created to follow
             try:
-                await asyncio.to_thread(_reconcile_locked, memo, body)
+                await asyncio.to_thread(context.copy().run, _reconcile_locked, memo, body)
             except Exception:  # one run's failure must not stop the loop; it is retried next round
                 log.exception("resync of %s/%s failed", *key)
 
@@ -199,14 +222,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=c.ANNOTATION_PREFIX, key="last-handled-configuration"
     )
-    settings.posting.enabled = False  # our events say what changed; kopf's say which handler ran
+    # Our events say what changed; kopf's own (from its log lines) only say which handler ran.
+    settings.posting.level = logging.CRITICAL + 1
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
-    if os.environ.get("KUBECONFIG"):
-        kubernetes.config.load_kube_config()
-    else:
-        kubernetes.config.load_incluster_config()
-    memo.kube = Kube(kubernetes.client.ApiClient())
+    memo.kube = Kube(kubernetes.client.ApiClient(client_configuration()))
     memo.settings = settings_from_env()
     memo.runs = Runs()
     memo.resync_seconds = float(os.environ.get("KUBETUNE_RESYNC_SECONDS", "30"))
@@ -220,17 +240,39 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
 
 
+def client_configuration() -> kubernetes.client.Configuration:
+    """KUBECONFIG if set (read now: the client reads it once at import), else the pod's service account."""
+    config = kubernetes.client.Configuration()
+    if path := os.environ.get("KUBECONFIG"):
+        kubernetes.config.load_kube_config(config_file=path, client_configuration=config)
+    else:
+        kubernetes.config.load_incluster_config(client_configuration=config)
+    return config
+
+
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    return kopf.login_via_client(**kwargs)
+def login(**_: Any) -> kopf.ConnectionInfo:
+    config = client_configuration()
+    header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix("authorization") or ""
+    scheme, _, token = header.rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=config.host,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
+    )
 
 
 @kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
-def on_run(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+def on_run(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
     raw = dict(body)
-    memo.runs.bodies[(body.namespace, body.name)] = raw
+    memo.runs.bodies[(namespace, name)] = raw
+    memo.runs.handler_context = contextvars.copy_context()
     try:
         _reconcile_locked(memo, raw)
     except Exception as exc:
@@ -240,8 +282,8 @@ def on_run(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-def remember_run(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    key = (body.namespace, body.name)
+def remember_run(event: dict[str, Any], body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    key = (namespace, name)
     if event.get("type") == "DELETED":
         memo.runs.forget(key)
     else:
@@ -249,8 +291,8 @@ def remember_run(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, **_: A
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
-def on_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    run = (body.namespace, body.metadata.get("labels", {}).get(c.LABEL_RUN))
+def on_job(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    run = (namespace, labels.get(c.LABEL_RUN))
     owner = memo.runs.bodies.get(run)
     if owner is None:
         return  # not a run this operator watches (another namespace), or it is being deleted

@@ -132,6 +132,7 @@ class Observation:
     previous: dict[str, Any]
     now: datetime
     volume: str | None = None
+    restarts: int = 0  # training pods that ended, and were replaced, while the run was not suspended
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ class Derived:
     reason: str
     message: str
     status: dict[str, Any]  # the operator's status fields, ready for one merge patch
-    stop_train: bool = False  # the Job must not go on (a failure it cannot see, e.g. an image that never pulls)
+    stop_jobs: bool = False  # the Jobs must not go on (a failure they cannot see, e.g. an image that never pulls)
 
     @property
     def summary(self) -> tuple[str, str]:
@@ -232,7 +233,7 @@ class Verdict(NamedTuple):
     phase: str
     reason: str
     message: str
-    stop_train: bool = False  # the Job must not go on: a failure it cannot see, e.g. an image that never pulls
+    stop_jobs: bool = False  # the Jobs must not go on: a failure they cannot see, e.g. an image that never pulls
 
 
 def _pending(pod: PodView, obs: Observation, component: str, waiting_phase: str) -> Verdict | None:
@@ -296,7 +297,7 @@ def _phase(obs: Observation) -> Verdict:
         if (verdict := _pending(pod, obs, c.TRAIN, c.QUEUED)) is not None:
             return verdict
     if train.running_pods:
-        restarts = restarts_of(train)
+        restarts = max(obs.restarts, int(prev.get("restarts") or 0))
         return Verdict(c.RUNNING, "Training", f"Training (attempt {restarts + 1})." if restarts else "Training.")
     if train.pending_pods:
         return Verdict(c.QUEUED, "Starting", "The training pod is starting.")
@@ -313,9 +314,29 @@ def _phase(obs: Observation) -> Verdict:
     return Verdict(c.QUEUED, "Starting", "Waiting for the training pod to be created.")
 
 
-def restarts_of(train: JobView | None) -> int:
-    """Training pods that ended without success and were (or will be) replaced."""
-    return len(train.failed_pods) if train is not None else 0
+@dataclass
+class PodLedger:
+    """The training pods of one run the operator has seen, and how each ended.
+
+    Pods vanish fast (an evicted pod is deleted within seconds), so restarts cannot be counted
+    from a single look; and a pod stopped because the run was suspended is not a restart.
+    """
+
+    alive: set[str] = field(default_factory=set)
+    restarted: set[str] = field(default_factory=set)
+    excused: set[str] = field(default_factory=set)
+
+    def look(self, train: JobView | None, suspended: bool) -> int:
+        """Record one observation; return the restarts so far."""
+        if train is None:
+            return len(self.restarted)
+        current = {p.name for p in train.pods}
+        ended = (self.alive - current) | {p.name for p in train.failed_pods}
+        ended -= self.restarted | self.excused
+        if not train.complete:
+            (self.excused if suspended else self.restarted).update(ended)
+        self.alive = {p.name for p in train.pods if p.phase in ("Pending", "Running")}
+        return len(self.restarted)
 
 
 def output_path(spec: api.TrainingRunSpec) -> str:
@@ -359,7 +380,7 @@ def _conditions(obs: Observation, phase: str, reason: str, message: str, now: st
 
 
 def derive(obs: Observation) -> Derived:
-    phase, reason, message, stop_train = _phase(obs)
+    phase, reason, message, stop_jobs = _phase(obs)
     now = _iso(obs.now)
     prev = obs.previous
     status: dict[str, Any] = {
@@ -368,11 +389,11 @@ def derive(obs: Observation) -> Derived:
         "message": message,
         "conditions": _conditions(obs, phase, reason, message, now),
         "observedGeneration": obs.generation,
-        "restarts": max(int(prev.get("restarts") or 0), restarts_of(obs.train)),
+        "restarts": max(int(prev.get("restarts") or 0), obs.restarts),
         "jobName": obs.train.name if obs.train is not None else prev.get("jobName"),
         "startTime": prev.get("startTime") or (now if phase == c.RUNNING else None),
         "completionTime": prev.get("completionTime") or (now if phase in c.TERMINAL else None),
     }
     if obs.spec is not None and obs.volume:
         status["output"] = {"volume": obs.volume, "path": output_path(obs.spec)}
-    return Derived(phase, reason, message, {k: v for k, v in status.items() if v is not None}, stop_train)
+    return Derived(phase, reason, message, {k: v for k, v in status.items() if v is not None}, stop_jobs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from kubetune_operator import api
 from kubetune_operator import constants as c
-from kubetune_operator.status import JobView, Observation, PodView, derive
+from kubetune_operator.status import JobView, Observation, PodLedger, PodView, derive
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 SPEC = {"model": {"nameOrPath": "m"}, "dataset": {"path": "d.jsonl"}}
@@ -130,7 +131,10 @@ CASES = {
     ),
     "running": (observe(PREPARED, job("r-train", pod("Running"))), c.RUNNING, "Training", "Training."),
     "running again after an eviction": (
-        observe(PREPARED, job("r-train", pod("Failed", exit_code=143, disrupted=True, age=99), pod("Running"))),
+        replace(
+            observe(PREPARED, job("r-train", pod("Failed", exit_code=143, disrupted=True, age=99), pod("Running"))),
+            restarts=1,
+        ),
         c.RUNNING,
         "Training",
         "attempt 2",
@@ -304,8 +308,8 @@ def test_phase_reason_and_message(case):
 
 
 def test_an_image_that_never_pulls_stops_the_job():
-    assert derive(CASES["image never pulls"][0]).stop_train is True
-    assert derive(CASES["image pulling, within grace"][0]).stop_train is False
+    assert derive(CASES["image never pulls"][0]).stop_jobs is True
+    assert derive(CASES["image pulling, within grace"][0]).stop_jobs is False
 
 
 def test_terminal_phases_are_sticky():
@@ -314,10 +318,23 @@ def test_terminal_phases_are_sticky():
     assert (later.phase, later.reason) == (c.FAILED, "Diverged")
 
 
-def test_restarts_count_replaced_pods_and_never_go_down():
-    obs = CASES["running again after an eviction"][0]
-    assert derive(obs).status["restarts"] == 1
-    gone = observe(PREPARED, job("r-train", pod("Running")), previous={"restarts": 3})  # old pods were deleted
+def test_restarts_count_pods_that_ended_unless_the_run_was_suspended():
+    ledger = PodLedger()
+    first, second, third = pod("Running", age=30), pod("Running", age=20), pod("Running", age=10)
+    for p, n in ((first, "a"), (second, "b"), (third, "c")):
+        p["metadata"]["name"] = n
+    assert ledger.look(job("r-train", first), suspended=False) == 0
+    assert ledger.look(job("r-train", second), suspended=False) == 1  # "a" vanished (evicted, deleted)
+    assert ledger.look(job("r-train"), suspended=True) == 1  # "b" stopped by the suspension: excused
+    assert ledger.look(job("r-train", third), suspended=False) == 1
+    crashed = pod("Failed", exit_code=1)
+    crashed["metadata"]["name"] = "c"
+    assert ledger.look(job("r-train", crashed), suspended=False) == 2
+    assert ledger.look(job("r-train", crashed), suspended=False) == 2, "each pod counts once"
+
+
+def test_restarts_never_go_down():
+    gone = observe(PREPARED, job("r-train", pod("Running")), previous={"restarts": 3})  # an operator restart
     assert derive(gone).status["restarts"] == 3
 
 
