@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -68,11 +69,12 @@ def validate(spec: Any, name: str) -> tuple[api.TrainingRunSpec | None, str | No
 
 
 def observe(
-    kube: Kube, body: dict[str, Any], spec: api.TrainingRunSpec | None, invalid: str | None, ledger: PodLedger
+    kube: Kube, body: dict[str, Any], spec: api.TrainingRunSpec | None, invalid: str | None, memory: RunMemory
 ) -> Observation:
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     jobs, pods = kube.children(namespace, name) if invalid is None else ({}, [])
+    memory.job_versions = {n: j["metadata"].get("resourceVersion", "") for n, j in jobs.items()}
 
     def job_view(component: str) -> JobView | None:
         job = jobs.get(resources.child_name(name, component))
@@ -82,7 +84,7 @@ def observe(
         return JobView.from_dict(job, owned)
 
     train = job_view(c.TRAIN)
-    restarts = ledger.look(train, suspended=bool(spec and spec.suspend) or bool(train and train.suspended))
+    restarts = memory.ledger.look(train, suspended=bool(spec and spec.suspend) or bool(train and train.suspended))
     volume = None
     if spec is not None:
         volume = resources.volume_claim_name(resources.RunRef(name, namespace, meta.get("uid", "")), spec)
@@ -102,30 +104,33 @@ def observe(
 
 def act(
     kube: Kube, settings: resources.OperatorSettings, body: dict[str, Any], obs: Observation, derived: Derived
-) -> bool:
-    """Create the children the run is due and steer the training Job; True if anything changed."""
+) -> Observation:
+    """Create the children the run is due and steer its Jobs; return the observation as it now stands
+    (from what was just done, so nothing needs listing again)."""
     spec = obs.spec
     if spec is None or (obs.previous.get("phase") in c.TERMINAL and derived.phase in c.TERMINAL):
-        return False
+        return obs
     meta = body["metadata"]
     run = resources.RunRef(meta["name"], meta["namespace"], meta["uid"])
-    changed = False
     if obs.prepare is None:
         for manifest in resources.base_children(run, spec, settings):
-            changed |= kube.create(manifest)
+            kube.create(manifest)
+        obs = replace(obs, prepare=JobView(resources.child_name(run.name, c.PREPARE)))
     elif obs.prepare.complete and obs.train is None and derived.phase != c.FAILED:
-        changed |= kube.create(resources.train_job(run, spec, settings))
+        job = resources.train_job(run, spec, settings)
+        kube.create(job)
+        obs = replace(obs, train=JobView(job["metadata"]["name"], suspended=job["spec"]["suspend"]))
     elif obs.train is not None and not (obs.train.complete or obs.train.failed_condition):
         # Suspend on request or when the run failed in a way the Job cannot see. Unsuspending a queued
         # Job is Kueue's decision, not ours.
         want = spec.suspend or derived.stop_jobs or (obs.train.suspended and bool(spec.queue_name))
         if want != obs.train.suspended:
             kube.set_job_suspended(run.namespace, obs.train.name, want)
-            changed = True
+            obs = replace(obs, train=replace(obs.train, suspended=want))
     if derived.stop_jobs and obs.prepare is not None and not obs.prepare.suspended and not obs.prepare.complete:
         kube.set_job_suspended(run.namespace, obs.prepare.name, True)
-        changed = True
-    return changed
+        obs = replace(obs, prepare=replace(obs.prepare, suspended=True))
+    return obs
 
 
 OPERATOR_FIELDS = set(api.TrainingRunStatus.OPERATOR_FIELDS)
@@ -137,21 +142,27 @@ def status_patch(previous: dict[str, Any], derived: Derived) -> dict[str, Any] |
     return None if mine == derived.status else derived.status
 
 
-def reconcile(
-    kube: Kube, settings: resources.OperatorSettings, body: dict[str, Any], ledger: PodLedger | None = None
-) -> Derived:
-    """One pass: observe, derive, act, observe again if acting changed anything, patch the status once.
+@dataclass
+class RunMemory:
+    """What the operator remembers of one run between passes."""
 
-    `ledger` follows the run's training pods across passes (for restarts)."""
-    ledger = PodLedger() if ledger is None else ledger
+    ledger: PodLedger = field(default_factory=PodLedger)  # its training pods, for restarts
+    job_versions: dict[str, str] = field(default_factory=dict)  # resourceVersion of each Job last observed
+
+
+def reconcile(
+    kube: Kube, settings: resources.OperatorSettings, body: dict[str, Any], memory: RunMemory | None = None
+) -> Derived:
+    """One pass: observe, derive, act, derive what acting made, patch the status once."""
+    memory = RunMemory() if memory is None else memory
     meta = body["metadata"]
     spec, invalid = validate(body.get("spec"), meta["name"])
-    obs = observe(kube, body, spec, invalid, ledger)
+    obs = observe(kube, body, spec, invalid, memory)
     derived = derive(obs)
+    acted = act(kube, settings, body, obs, derived)
     # A terminal verdict stands: what acting on it does (stopping a Job) must not be read back as progress.
-    if act(kube, settings, body, obs, derived) and derived.phase not in c.TERMINAL:
-        obs = observe(kube, body, spec, invalid, ledger)
-        derived = derive(obs)
+    if acted is not obs and derived.phase not in c.TERMINAL:
+        obs, derived = acted, derive(acted)
     patch = status_patch(obs.previous, derived)
     if patch is not None:
         kube.patch_run_status(meta["namespace"], meta["name"], patch)
@@ -174,7 +185,7 @@ class Runs:
 
     def __init__(self) -> None:
         self.bodies: dict[tuple[str, str], dict[str, Any]] = {}
-        self.ledgers: defaultdict[tuple[str, str], PodLedger] = defaultdict(PodLedger)
+        self.memory: defaultdict[tuple[str, str], RunMemory] = defaultdict(RunMemory)
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._guard = threading.Lock()
         # kopf's event poster is reached through context variables that only handler calls carry;
@@ -188,14 +199,14 @@ class Runs:
     def forget(self, key: tuple[str, str]) -> None:
         with self._guard:
             self.bodies.pop(key, None)
-            self.ledgers.pop(key, None)
+            self.memory.pop(key, None)
             self._locks.pop(key, None)
 
 
 def _reconcile_locked(memo: kopf.Memo, body: dict[str, Any]) -> Derived:
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     with memo.runs.lock(key):
-        return reconcile(memo.kube, memo.settings, body, memo.runs.ledgers[key])
+        return reconcile(memo.kube, memo.settings, body, memo.runs.memory[key])
 
 
 async def _resync_forever(memo: kopf.Memo) -> None:
@@ -225,6 +236,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Our events say what changed; kopf's own (from its log lines) only say which handler ran.
     settings.posting.level = logging.CRITICAL + 1
     settings.watching.server_timeout = 300
+    settings.execution.max_workers = 16  # handlers wait on the API, not the CPU
     settings.networking.request_timeout = 60
     memo.kube = Kube(kubernetes.client.ApiClient(client_configuration()))
     memo.settings = settings_from_env()
@@ -291,11 +303,13 @@ def remember_run(event: dict[str, Any], body: kopf.Body, name: str, namespace: s
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
-def on_job(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+def on_job(namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     run = (namespace, labels.get(c.LABEL_RUN))
     owner = memo.runs.bodies.get(run)
     if owner is None:
         return  # not a run this operator watches (another namespace), or it is being deleted
+    if memo.runs.memory[run].job_versions.get(name) == meta.get("resourceVersion"):
+        return  # the last pass saw this very version of the Job (resourceVersions are only compared for equality)
     try:
         _reconcile_locked(memo, owner)
     except Exception:  # the next event or the resync reconciles again

@@ -78,6 +78,8 @@ class Kube:
         """The run's Jobs by name, and their pods."""
         selector = f"{c.LABEL_RUN}={run}"
         jobs = self.batch.list_namespaced_job(namespace, label_selector=selector).items
+        if not jobs:
+            return {}, []  # no Job, no pods: spare the second request (new runs are most of a burst)
         pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
         return {j.metadata.name: self._dict(j) for j in jobs}, [self._dict(p) for p in pods]
 

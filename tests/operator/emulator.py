@@ -224,6 +224,7 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self.subscribers: list[Callable[[str, Resource, dict[str, Any]], None]] = []
+        self.faults: list[list[Any]] = []  # [method, path regex, status, times left]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -504,8 +505,22 @@ class ApiServer:
         r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$"
     )
 
+    def fail(self, method: str, path: str, status: int = 500, times: int = 1) -> None:
+        """Answer the next `times` requests matching method and path (a regex) with an error."""
+        self.faults.append([method, re.compile(path), status, times])
+
+    def _fault(self, request: web.Request) -> ApiError | None:
+        for fault in self.faults:
+            method, path, status, left = fault
+            if left > 0 and request.method == method and path.search(request.path):
+                fault[3] -= 1
+                return ApiError(status, "InternalError", "injected by the test")
+        return None
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests[f"{request.method} {self._classify(request.path)}"] += 1
+        if (injected := self._fault(request)) is not None:
+            return injected.response()
         try:
             if request.method == "GET" and (found := self._discovery(request.path)) is not None:
                 return web.json_response(found)

@@ -85,6 +85,25 @@ def test_a_run_goes_from_apply_to_succeeded_with_the_adapter_on_its_volume(clust
     assert all(o["metadata"]["ownerReferences"][0]["name"] == "hello" for o in owned)
 
 
+def test_api_failures_are_retried_and_the_trainers_status_fields_are_left_alone(cluster, operator, seed):
+    seed(cluster.workspace("flaky"))
+    cluster.server.call(lambda: cluster.server.fail("POST", r"/namespaces/ml/jobs$", status=500, times=2))
+    cluster.apply_run("flaky", tiny_spec())
+    # The trainer's fields, as its status sink writes them, must survive every operator patch.
+    wait_for(lambda: cluster.status("flaky").get("phase"), 60, "a first status")
+    progress = {"step": 3, "totalSteps": 12, "percent": 25.0, "eta": "9s"}
+    runs = cluster.res("kubetune.io", "trainingruns")
+    cluster.server.call(
+        lambda: cluster.server.update(
+            runs, NAMESPACE, "flaky", lambda o: {**o, "status": {**o["status"], "progress": progress}}, "status"
+        )
+    )
+    status = cluster.wait_phase("flaky", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status
+    assert status["progress"] == progress
+    assert cluster.server.call(lambda: [f[3] for f in cluster.server.faults]) == [0], "both failures happened"
+
+
 def test_suspend_checkpoints_and_resume_finishes_from_the_checkpoint(cluster, operator, seed):
     seed(cluster.workspace("pause"))
     cluster.apply_run(

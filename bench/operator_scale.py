@@ -1,0 +1,141 @@
+"""Operator at scale: many TrainingRuns created at once against the API emulator.
+
+The job runner completes every pod at once (no training), so what is measured is the
+operator: time from a run's creation to its prepare Job and to its training Job, the
+operator process's peak memory, and API requests per run. The operator runs as its own
+process (`kopf run`), exactly as in its container.
+
+    python bench/operator_scale.py [--runs 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.operator.emulator import ApiServer  # noqa: E402
+from tests.operator.jobrunner import JobRunner  # noqa: E402
+
+NAMESPACE = "bench"
+SPEC = {"model": {"nameOrPath": "models/tiny"}, "dataset": {"path": "data/qa.jsonl"}, "resources": {"gpu": 0}}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--verbose", action="store_true", help="requests per run by kind")
+    args = parser.parse_args()
+
+    server = ApiServer().start()
+    created: dict[str, dict[str, float]] = {}
+
+    def record(kind: str, res, obj) -> None:
+        if kind != "ADDED":
+            return
+        name = obj["metadata"]["name"]
+        if res.plural == "trainingruns":
+            created.setdefault(name, {})["run"] = time.monotonic()
+        elif res.plural == "jobs":
+            run, _, component = name.rpartition("-")
+            created.setdefault(run, {})[component] = time.monotonic()
+
+    server.call(lambda: server.subscribers.append(record))
+    server.call(lambda: server.create(server.resource("", "namespaces"), None, {"metadata": {"name": NAMESPACE}}))
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = JobRunner(server, Path(tmp), instant=True).start()
+        kubeconfig = server.kubeconfig(Path(tmp) / "kubeconfig")
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_RESYNC_SECONDS": "30"}
+        operator = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kopf",
+                "run",
+                "--standalone",
+                "--quiet",
+                "--namespace",
+                NAMESPACE,
+                "-m",
+                "kubetune_operator.handlers",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        watching = "GET /apis/kubetune.io/v1alpha1/namespaces/*/trainingruns"
+        while not server.requests.get(watching):
+            if time.monotonic() > deadline:
+                sys.exit("the operator never started watching")
+            time.sleep(0.2)
+        time.sleep(2)  # let kopf settle its watches
+        before = sum(server.requests.values())
+        runs = server.resource("kubetune.io", "trainingruns")
+        started = time.monotonic()
+        for i in range(args.runs):
+            body = {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "TrainingRun",
+                "metadata": {"name": f"run-{i:04d}", "namespace": NAMESPACE},
+                "spec": SPEC,
+            }
+            server.call(lambda body=body: server.create(runs, NAMESPACE, body))
+
+        def succeeded() -> int:
+            return sum(
+                1
+                for r in server.call(lambda: server.list(runs, NAMESPACE))
+                if (r.get("status") or {}).get("phase") == "Succeeded"
+            )
+
+        while succeeded() < args.runs:
+            if time.monotonic() - started > args.timeout:
+                sys.exit(f"only {succeeded()} of {args.runs} runs succeeded within {args.timeout}s")
+            time.sleep(0.5)
+        all_done = time.monotonic() - started
+        requests = sum(server.requests.values()) - before
+        by_kind = dict(server.requests)
+        rss = peak_rss_mb(operator.pid)
+        operator.terminate()
+        operator.wait(30)
+        runner.stop()
+    server.stop()
+
+    to_prepare = [t["prepare"] - t["run"] for t in created.values() if "prepare" in t and "run" in t]
+    to_train = [t["train"] - t["run"] for t in created.values() if "train" in t and "run" in t]
+    print(f"{args.runs} TrainingRuns created at once; pods complete instantly (no training)")
+    print(f"create -> prepare Job: p50 {statistics.median(to_prepare):.2f}s, p99 {percentile(to_prepare, 0.99):.2f}s")
+    print(f"create -> train Job:   p50 {statistics.median(to_train):.2f}s, p99 {percentile(to_train, 0.99):.2f}s")
+    print(f"all {args.runs} Succeeded after {all_done:.1f}s")
+    print(f"operator peak RSS: {rss:.0f} MB")
+    # The job runner works on the store in-process: every request counted here is the operator's.
+    print(f"operator API requests per run: {requests / args.runs:.1f}")
+    if args.verbose:
+        for kind, count in sorted(by_kind.items(), key=lambda kv: -kv[1])[:12]:
+            print(f"  {count / args.runs:6.2f}  {kind}")
+
+
+if __name__ == "__main__":
+    main()
