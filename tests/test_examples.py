@@ -48,3 +48,15 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```(?:bash|sh)\n(.*?)```", readme, flags=re.S)
     test_command = next(c.strip() for c in commands if "pytest" in c)
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("trainingrun-*.yaml")), ids=lambda p: p.name)
+def test_trainingrun_examples_are_valid_runs(path):
+    import yaml
+
+    from kubetune_operator import api
+
+    manifest = yaml.safe_load(path.read_text())
+    assert manifest["apiVersion"] == api.API_VERSION
+    assert manifest["kind"] == api.KIND
+    api.TrainingRunSpec.model_validate(manifest["spec"])
