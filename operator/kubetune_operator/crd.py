@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel
 
 from kubetune_operator import api
+from kubetune_operator import constants as c
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = (ROOT / "crds" / "trainingrun.yaml", ROOT / "helm" / "kubetune" / "crds" / "trainingrun.yaml")
@@ -177,6 +178,12 @@ PRINTER_COLUMNS = [
 ]
 
 
+NAME_RULE = {
+    "rule": f"size(self.metadata.name) <= {c.MAX_RUN_NAME}",
+    "message": f"metadata.name may have at most {c.MAX_RUN_NAME} characters: the run's Jobs and volume add a suffix",
+}
+
+
 def render() -> dict[str, Any]:
     spec = structural(api.TrainingRunSpec)
     _immutable(spec)
@@ -209,6 +216,7 @@ def render() -> dict[str, Any]:
                             "type": "object",
                             "description": "A LoRA fine-tuning run: what to train and how to run it.",
                             "required": ["spec"],
+                            "x-kubernetes-validations": [NAME_RULE],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},

@@ -206,6 +206,12 @@ def changed_value(value: Any) -> Any:
     return f"{value}-changed"
 
 
+def test_the_name_must_leave_room_for_the_children_suffixes():
+    (rule,) = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+    assert cel(rule["rule"], {"metadata": {"name": "r" * 52}})
+    assert not cel(rule["rule"], {"metadata": {"name": "r" * 53}})
+
+
 def test_spec_is_fixed_once_created_except_the_lifecycle_fields():
     old = defaulted(VALID)
     for path, rule, obj in rules_at(old, SPEC_SCHEMA):
