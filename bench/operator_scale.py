@@ -66,7 +66,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runner = JobRunner(server, Path(tmp), instant=True).start()
         kubeconfig = server.kubeconfig(Path(tmp) / "kubeconfig")
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_RESYNC_SECONDS": "30"}
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "KUBETUNE_RESYNC_SECONDS": "30",
+            "KUBETUNE_METRICS_PORT": "0",
+        }
         operator = subprocess.Popen(
             [
                 sys.executable,

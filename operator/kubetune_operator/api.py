@@ -13,12 +13,13 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
-from kubetune_trainer.config import TrainConfig
+from kubetune_trainer import contract
+from kubetune_trainer.config import ReportingConfig, TrainConfig
 
-GROUP = "kubetune.io"
-VERSION = "v1alpha1"
+GROUP = contract.API_GROUP
+VERSION = contract.API_VERSION
 KIND = "TrainingRun"
-PLURAL = "trainingruns"
+PLURAL = contract.API_PLURAL
 SINGULAR = "trainingrun"
 SHORT_NAMES = ("tr",)
 CATEGORIES = ("kubetune",)
@@ -126,6 +127,16 @@ class Toleration(_Model):
     toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound.")
 
 
+class ClusterReporting(ReportingConfig):
+    metrics_port: int | None = Field(
+        9400,
+        ge=1,
+        le=65535,
+        description="Port of the trainer pod's Prometheus metrics (scraped by the chart's PodMonitor); null turns "
+        "them off.",
+    )
+
+
 # Spec fields that may change while a run exists; everything else is fixed at creation,
 # because the ConfigMap, volume and Jobs were made from it.
 MUTABLE_FIELDS = ("suspend", "maxRestarts", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
@@ -134,6 +145,10 @@ MUTABLE_FIELDS = ("suspend", "maxRestarts", "activeDeadlineSeconds", "ttlSeconds
 class TrainingRunSpec(TrainConfig):
     """What to train (the trainer's config) and how to run it on Kubernetes."""
 
+    reporting: ClusterReporting = Field(
+        default_factory=ClusterReporting,
+        description="Where progress goes: the run's status (always) and the pod's Prometheus metrics.",
+    )
     image: str | None = Field(
         None, description="Trainer image; the operator's default (Helm value trainer.image) when unset."
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import signal
 
+from kubetune_trainer import contract
 from kubetune_trainer import errors as trainer_errors
-from kubetune_trainer.cli import TERMINATION_LOG_ENV
 
 # Labels on every child. LABEL_RUN selects a run's children.
 LABEL_NAME = "app.kubernetes.io/name"
@@ -29,9 +29,9 @@ CONFIG_DIR = "/etc/kubetune"
 CONFIG_FILE = "config.yaml"
 HF_HOME = f"{WORKSPACE}/cache"
 TERMINATION_LOG = "/dev/termination-log"
-TERMINATION_ENV = TERMINATION_LOG_ENV
-RUN_NAME_ENV = "KUBETUNE_RUN_NAME"
-RUN_NAMESPACE_ENV = "KUBETUNE_RUN_NAMESPACE"
+TERMINATION_ENV = contract.TERMINATION_LOG_ENV
+RUN_NAME_ENV = contract.RUN_NAME_ENV
+RUN_NAMESPACE_ENV = contract.RUN_NAMESPACE_ENV
 TRAINER_UID = 1000  # the trainer image's user
 
 # Exit codes of kubetune-train (ARCHITECTURE.md contract 3) and what they mean for a run.

@@ -7,6 +7,9 @@ Three routes lead to the same `reconcile`:
 - a resync every `resync_seconds` over the runs that are not finished, which catches what
   no event announces (a pod that stays unschedulable, an image that never pulls).
 
+The operator's /metrics (metrics.py) serves a collector over the runs it knows and its own
+reconcile counts and durations, on KUBETUNE_METRICS_PORT (8080; 0 turns it off).
+
 No handler is a timer or daemon and none handles deletion, so kopf puts no finalizer on
 TrainingRuns: deleting one never waits for the operator. Children go by ownerReferences.
 
@@ -32,6 +35,7 @@ from pydantic import ValidationError
 from kubetune_operator import api, resources
 from kubetune_operator import constants as c
 from kubetune_operator.kube import Kube, is_transient
+from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.status import Derived, JobView, Observation, PodLedger, derive
 
 log = logging.getLogger(__name__)
@@ -203,10 +207,10 @@ class Runs:
             self._locks.pop(key, None)
 
 
-def _reconcile_locked(memo: kopf.Memo, body: dict[str, Any]) -> Derived:
+def _reconcile_locked(memo: kopf.Memo, body: dict[str, Any], trigger: str) -> Derived:
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     with memo.runs.lock(key):
-        return reconcile(memo.kube, memo.settings, body, memo.runs.memory[key])
+        return memo.metrics.observe(trigger, lambda: reconcile(memo.kube, memo.settings, body, memo.runs.memory[key]))
 
 
 async def _resync_forever(memo: kopf.Memo) -> None:
@@ -219,7 +223,7 @@ async def _resync_forever(memo: kopf.Memo) -> None:
             if context is None:
                 continue  # no handler has run yet, so nothing was created to follow
             try:
-                await asyncio.to_thread(context.copy().run, _reconcile_locked, memo, body)
+                await asyncio.to_thread(context.copy().run, _reconcile_locked, memo, body, "resync")
             except Exception:  # one run's failure must not stop the loop; it is retried next round
                 log.exception("resync of %s/%s failed", *key)
 
@@ -243,6 +247,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.runs = Runs()
     memo.resync_seconds = float(os.environ.get("KUBETUNE_RESYNC_SECONDS", "30"))
     memo.resync = asyncio.create_task(_resync_forever(memo))
+    memo.metrics = OperatorMetrics(lambda: list(memo.runs.bodies.values()))
+    if port := int(os.environ.get("KUBETUNE_METRICS_PORT", "8080")):  # 0 turns /metrics off
+        try:
+            memo.metrics.serve(port)
+        except OSError as exc:
+            raise RuntimeError(f"Cannot serve /metrics on port {port} (KUBETUNE_METRICS_PORT): {exc.strerror}") from exc
 
 
 @kopf.on.cleanup()
@@ -250,6 +260,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     task = getattr(memo, "resync", None)
     if task is not None:
         task.cancel()
+    if (metrics := getattr(memo, "metrics", None)) is not None:
+        metrics.close()
 
 
 def client_configuration() -> kubernetes.client.Configuration:
@@ -286,7 +298,7 @@ def on_run(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, retry: i
     memo.runs.bodies[(namespace, name)] = raw
     memo.runs.handler_context = contextvars.copy_context()
     try:
-        _reconcile_locked(memo, raw)
+        _reconcile_locked(memo, raw, "run")
     except Exception as exc:
         if is_transient(exc):
             raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=min(2**retry, 60)) from exc
@@ -311,6 +323,6 @@ def on_job(namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta, memo
     if memo.runs.memory[run].job_versions.get(name) == meta.get("resourceVersion"):
         return  # the last pass saw this very version of the Job (resourceVersions are only compared for equality)
     try:
-        _reconcile_locked(memo, owner)
+        _reconcile_locked(memo, owner, "job")
     except Exception:  # the next event or the resync reconciles again
         log.exception("reconcile of %s/%s after a Job event failed", *run)

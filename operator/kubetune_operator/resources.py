@@ -180,6 +180,11 @@ def _pod_template(
                 "workingDir": c.WORKSPACE,
                 "env": _env(run, spec),
                 "resources": resources,
+                **(
+                    {"ports": [{"name": "metrics", "containerPort": spec.reporting.metrics_port, "protocol": "TCP"}]}
+                    if spec.reporting.metrics_port and component == c.TRAIN  # prepare serves no metrics
+                    else {}
+                ),
                 "terminationMessagePath": c.TERMINATION_LOG,
                 # A crash that writes no message leaves its last log lines (the traceback) instead.
                 "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,12 @@ from tests.operator.jobrunner import JobRunner
 
 NAMESPACE = "ml"
 TRAININGRUNS = ("kubetune.io", "trainingruns")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 120, what: str = "condition", every: float = 0.2) -> Any:
@@ -116,6 +123,7 @@ class Operator:
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
+        self.metrics_port = free_port()
         self._runner: Any = None
 
     def start(self) -> Operator:
@@ -126,6 +134,7 @@ class Operator:
                 "KUBECONFIG": str(self.cluster.kubeconfig),
                 "KUBETUNE_RESYNC_SECONDS": "1",
                 "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test",
+                "KUBETUNE_METRICS_PORT": str(self.metrics_port),
             }
         )
         self._runner = KopfRunner(
@@ -169,6 +178,7 @@ def tiny_spec(**overrides: Any) -> dict[str, Any]:
         "evaluation": {"evalSteps": 6},
         "checkpoints": {"everySteps": 4},
         "resources": {"gpu": 0, "cpu": 1, "memory": "2Gi"},
+        "reporting": {"metricsPort": None},  # pods share this host's ports; tests that scrape pick a free one
     }
     for key, value in overrides.items():
         node = spec

@@ -5,7 +5,8 @@ the trainer): discovery; create/get/list/watch/patch/replace/delete; uid,
 resourceVersion, generation and creationTimestamp; the status subresource kept apart
 from the rest of the object; label and field selectors; merge and JSON patches (with the
 `test` op kopf uses for optimistic concurrency); finalizers and deletionTimestamp; and
-garbage collection of dependents by ownerReferences. It does not enforce schemas or
+garbage collection of dependents by ownerReferences; and the Table answers `kubectl get`
+asks for, built from the CRD's printer columns. It does not enforce schemas or
 admission: that is what the CRD and operator tests are for.
 
 The server runs on an event loop in a background thread. Tests reach the store through
@@ -43,6 +44,7 @@ class Resource:
     namespaced: bool = True
     status: bool = True  # has a status subresource
     short_names: tuple[str, ...] = ()
+    columns: tuple[dict[str, Any], ...] = ()  # additionalPrinterColumns, for `kubectl get` tables
 
     @property
     def group_version(self) -> str:
@@ -51,6 +53,62 @@ class Resource:
     @property
     def key(self) -> tuple[str, str]:
         return self.group, self.plural
+
+
+CRD = Path(__file__).resolve().parents[2] / "crds" / "trainingrun.yaml"
+
+
+def _crd_columns(path: Path) -> list[dict[str, Any]]:
+    import yaml
+
+    (version,) = yaml.safe_load(path.read_text())["spec"]["versions"]
+    return version.get("additionalPrinterColumns", [])
+
+
+def _json_path(obj: Any, path: str) -> Any:
+    """The simple JSONPath of printer columns: .a.b.c"""
+    for part in path.strip(".").split("."):
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(part)
+    return obj
+
+
+def _age(timestamp: str) -> str:
+    seconds = int(
+        (datetime.now(timezone.utc) - datetime.fromisoformat(timestamp.replace("Z", "+00:00"))).total_seconds()
+    )
+    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m"
+
+
+def table(res: Resource, items: list[dict[str, Any]], resource_version: str) -> dict[str, Any]:
+    """A meta.k8s.io/v1 Table, as the API server answers `kubectl get` for a CRD with printer columns."""
+    columns = [{"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}]
+    columns += [
+        {
+            "name": c["name"],
+            "type": c["type"],
+            "format": c.get("format", ""),
+            "description": c.get("description", ""),
+            "priority": c.get("priority", 0),
+        }
+        for c in res.columns
+    ]
+    rows = []
+    for obj in items:
+        cells: list[Any] = [obj["metadata"]["name"]]
+        for c in res.columns:
+            value = _json_path(obj, c["jsonPath"])
+            cells.append(_age(value) if c["type"] == "date" and value else value)
+        meta = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}
+        rows.append({"cells": cells, "object": meta})
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": resource_version},
+        "columnDefinitions": columns,
+        "rows": rows,
+    }
 
 
 RESOURCES = (
@@ -66,7 +124,14 @@ RESOURCES = (
     Resource("rbac.authorization.k8s.io", "v1", "roles", "Role", status=False),
     Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", status=False),
     Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", namespaced=False),
-    Resource("kubetune.io", "v1alpha1", "trainingruns", "TrainingRun", short_names=("tr",)),
+    Resource(
+        "kubetune.io",
+        "v1alpha1",
+        "trainingruns",
+        "TrainingRun",
+        short_names=("tr",),
+        columns=tuple(_crd_columns(CRD)),
+    ),
 )
 
 
@@ -478,13 +543,14 @@ class ApiServer:
                 }
                 items.append(base)
                 if r.status:
-                    items.append({**base, "name": f"{r.plural}/status", "verbs": ["get", "patch", "update"]})
+                    status = {**base, "name": f"{r.plural}/status", "singularName": "", "shortNames": []}
+                    items.append({**status, "verbs": ["get", "patch", "update"]})
             if not items:
                 return None
             return {
                 "kind": "APIResourceList",
                 "apiVersion": "v1",
-                "groupVersion": r.group_version if group else "v1",
+                "groupVersion": f"{group}/{version}" if group else "v1",
                 "resources": items,
             }
         m = re.fullmatch(r"/apis/([^/]+)", path)
@@ -537,6 +603,8 @@ class ApiServer:
                 if q.get("watch") in ("true", "1"):
                     return await self._watch(request, res, namespace)
                 items = self.list(res, namespace, q.get("labelSelector"), q.get("fieldSelector"))
+                if "as=Table" in request.headers.get("Accept", "") and res.columns:
+                    return web.json_response(table(res, items, str(self.rv)))
                 return web.json_response(
                     {
                         "kind": f"{res.kind}List",
@@ -545,6 +613,11 @@ class ApiServer:
                         "items": items,
                     }
                 )
+            if request.method == "GET" and sub is None:
+                found = self.get(res, namespace, name)
+                if "as=Table" in request.headers.get("Accept", "") and res.columns:
+                    return web.json_response(table(res, [found], str(self.rv)))
+                return web.json_response(found)
             if request.method == "GET":
                 return web.json_response(self.get(res, namespace, name))
             if request.method == "POST" and name is None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kubetune_trainer.contract import TERMINATION_LOG_ENV
 from tests.conftest import write_jsonl
 
 
@@ -132,7 +133,7 @@ def test_a_failure_leaves_its_reason_and_message_for_kubernetes(config_file, tmp
     script = Path(sys.executable).with_name("kubetune-train")
     proc = subprocess.run(
         [str(script), "run", str(config_file({"training": {"batchSize": "eight"}}))],
-        env={**os.environ, "KUBETUNE_TERMINATION_LOG": str(log)},
+        env={**os.environ, TERMINATION_LOG_ENV: str(log)},
         capture_output=True,
         text=True,
         check=False,

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -278,4 +278,5 @@ def describe(c: Checkpoint) -> str:
 
 
 def to_status(c: Checkpoint) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items()}
+    """The checkpoint as the TrainingRun's status.checkpoint shows it."""
+    return {"name": c.name, "step": c.step, "epoch": c.epoch, "evalLoss": c.eval_loss, "path": str(c.path)}

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from kubetune_trainer.contract import TERMINATION_LOG_ENV
 from kubetune_trainer.errors import KubetuneError
 
 log = logging.getLogger("kubetune_trainer")
@@ -162,9 +163,6 @@ def setup_logging(verbose: bool) -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
 
 
 def report_failure(error: KubetuneError) -> int:

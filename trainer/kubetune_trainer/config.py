@@ -31,6 +31,7 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "OutputConfig",
+    "ReportingConfig",
     "TrainConfig",
     "TrainingConfig",
     "apply_overrides",
@@ -254,6 +255,22 @@ class OutputConfig(_Section):
     )
 
 
+class ReportingConfig(_Section):
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve the run's Prometheus metrics (step, losses, throughput, ETA, GPU memory) on this port; "
+        "off when unset. TrainingRuns default to 9400.",
+    )
+    status_interval_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="In a TrainingRun, update its status.progress at most this often (and at evaluations, "
+        "checkpoints and the end).",
+    )
+
+
 class TrainConfig(_Section):
     """A whole training run. A local config file has exactly this shape."""
 
@@ -266,6 +283,11 @@ class TrainConfig(_Section):
     )
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    reporting: ReportingConfig = Field(
+        default_factory=ReportingConfig,
+        description="Where progress goes besides the terminal and output/progress.jsonl: Prometheus, and the "
+        "TrainingRun's status when running in one.",
+    )
 
     cel_rules = (
         (

@@ -1,9 +1,8 @@
-"""Progress reporting: one record, many sinks.
+"""Progress records, and what else the run reports about itself.
 
-`ProgressTracker` turns the Trainer's events into `Progress` records and hands each to
-every sink. A sink decides for itself how often to act on them (a terminal bar every
-step, a log line per logging interval, an API patch every few seconds). A sink that
-fails is logged and skipped: reporting never stops training.
+`ProgressTracker` turns the Trainer's events into `Progress` records for the sinks
+(sinks.py); `write_loss_curves` draws the curves; `HighLossSamples` finds the training
+samples the model finds hardest.
 """
 
 from __future__ import annotations
@@ -11,16 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+if TYPE_CHECKING:
+    from kubetune_trainer.sinks import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +68,19 @@ def estimate_eta(steps_done: int, steps_left: int, elapsed: float) -> float | No
     return steps_left * elapsed / steps_done
 
 
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-class Sink(Protocol):
-    def update(self, progress: Progress, event: str | None) -> None:
-        """event: None for a plain step, else 'log', 'eval', 'begin' or 'end'."""
-
-    def close(self) -> None: ...
 
 
 class ProgressTracker(TrainerCallback):
     """Builds a Progress record at each step and log/eval event and gives it to the sinks."""
 
-    def __init__(self, sinks: list[Sink], samples_per_step: int, window: int = 20) -> None:
-        self.sinks = sinks
+    def __init__(self, reporter: Reporter, samples_per_step: int, window: int = 20) -> None:
+        self.reporter = reporter
         self.samples_per_step = samples_per_step
         self._window: deque[tuple[float, int, int]] = deque(maxlen=window)
         self._start: tuple[float, int] | None = None
@@ -128,18 +126,12 @@ class ProgressTracker(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
         self._emit(state, "end")
-        for sink in self.sinks:
-            sink.close()
 
     # -- record
 
     def _emit(self, state: TrainerState, event: str | None) -> None:
         self.last = self.snapshot(state)
-        for sink in self.sinks:
-            try:
-                sink.update(self.last, event)
-            except Exception:  # a broken sink must not stop training; say so and carry on
-                log.exception("progress sink %s failed", type(sink).__name__)
+        self.reporter.progress(self.last, event)
 
     def snapshot(self, state: TrainerState) -> Progress:
         total = max(state.max_steps, 1)
@@ -161,8 +153,8 @@ class ProgressTracker(TrainerCallback):
             percent=round(100.0 * step / total, 2),
             eta_seconds=None if eta_s is None else round(eta_s, 1),
             eta=format_duration(eta_s) if step < total else "0s",
-            train_loss=self.train_loss,
-            eval_loss=self.eval_loss,
+            train_loss=_round(self.train_loss, 4),  # what kubectl get shows: enough to see it move
+            eval_loss=_round(self.eval_loss, 4),
             learning_rate=self.learning_rate,
             grad_norm=self.grad_norm,
             tokens_per_second=None if tokens_s is None else round(tokens_s, 1),
@@ -170,53 +162,6 @@ class ProgressTracker(TrainerCallback):
             gpu_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
             last_update_time=utc_now(),
         )
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-class TerminalSink:
-    """A tqdm bar on a terminal; one plain log line per logging interval otherwise."""
-
-    def __init__(self, interactive: bool | None = None) -> None:
-        self.interactive = sys.stderr.isatty() if interactive is None else interactive
-        self._bar: Any = None
-
-    def update(self, progress: Progress, event: str | None) -> None:
-        if self.interactive:
-            self._update_bar(progress, event)
-        elif event in ("log", "eval"):
-            log.info(self.line(progress, event))
-
-    @staticmethod
-    def line(p: Progress, event: str | None) -> str:
-        if event == "eval":
-            return f"step {p.step}/{p.total_steps} eval_loss {_fmt(p.eval_loss, '.4f')}"
-        return (
-            f"step {p.step}/{p.total_steps} ({p.percent:.0f}%) epoch {p.epoch:.2f} "
-            f"loss {_fmt(p.train_loss, '.4f')} lr {_fmt(p.learning_rate, '.2e')} "
-            f"tok/s {_fmt(p.tokens_per_second, ',.0f')} eta {p.eta}"
-        )
-
-    def _update_bar(self, p: Progress, event: str | None) -> None:
-        from tqdm.auto import tqdm
-
-        if self._bar is None:
-            self._bar = tqdm(total=p.total_steps, initial=p.step, unit="step", dynamic_ncols=True, file=sys.stderr)
-        self._bar.n = p.step
-        self._bar.set_postfix_str(
-            f"loss {_fmt(p.train_loss, '.4f')} eval {_fmt(p.eval_loss, '.4f')} "
-            f"tok/s {_fmt(p.tokens_per_second, ',.0f')} eta {p.eta}",
-            refresh=True,
-        )
-        if event == "eval":
-            self._bar.write(self.line(p, event))
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
 
 
 def write_loss_curves(log_history: list[dict[str, Any]], path: Path, title: str) -> None:

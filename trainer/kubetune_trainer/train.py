@@ -41,14 +41,8 @@ from kubetune_trainer.errors import (
 from kubetune_trainer.guards import DivergenceGuard, EvaluationAbandoned, RunControl, StopRequest
 from kubetune_trainer.model import Hardware, apply_lora, load_model, parameter_counts
 from kubetune_trainer.preflight import Preflight, run_preflight, write_report
-from kubetune_trainer.report import (
-    HighLossSamples,
-    ProgressTracker,
-    Sink,
-    TerminalSink,
-    per_sample_loss,
-    write_loss_curves,
-)
+from kubetune_trainer.report import HighLossSamples, ProgressTracker, per_sample_loss, write_loss_curves
+from kubetune_trainer.sinks import Reporter, Sink, camel, default_sinks, finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +253,9 @@ class CheckpointCommitter(TrainerCallback):
         tracker: ValidationTracker,
         stop: StopRequest,
         identity: dict[str, Any],
+        reporter: Reporter,
     ) -> None:
+        self.reporter = reporter
         self.root = Path(cfg.checkpoints.dir)
         self.keep = cfg.checkpoints.keep
         self.checkpoints = list(existing)
@@ -306,6 +302,10 @@ class CheckpointCommitter(TrainerCallback):
         self.checkpoints = checkpoints.prune(self.checkpoints, self.keep, self.tracker.best_step)
         size = checkpoints.size_bytes(checkpoint.path)
         log.info("Saved %s, %.1f MB", checkpoints.describe(checkpoint), size / 1e6)
+        best = next((c for c in self.checkpoints if c.step == self.tracker.best_step), None)
+        self.reporter.checkpoint(
+            {"latest": checkpoints.to_status(checkpoint), "best": checkpoints.to_status(best) if best else None}
+        )
 
 
 def trainable_weights_finite(model: torch.nn.Module) -> bool:
@@ -419,17 +419,6 @@ def export(
             os.replace(item, target)
 
 
-def finite_or_none(value: Any) -> Any:
-    """JSON has no NaN or Infinity: write null for them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_or_none(v) for v in value]
-    return value
-
-
 def _json(value: Any, indent: int) -> str:
     return json.dumps(finite_or_none(value), indent=indent, allow_nan=False) + "\n"
 
@@ -457,6 +446,7 @@ class Recipe:
     guard: DivergenceGuard
     resume_from: Checkpoint | None
     finished: bool  # resume_from ended training: evaluate and export only
+    reporter: Reporter
     started: float
 
     @property
@@ -469,7 +459,10 @@ class Recipe:
 
 
 def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int = 0) -> Recipe:
-    """Preflight, then the model with its adapter and the Trainer, ready to start or resume."""
+    """Preflight, then the model with its adapter and the Trainer, ready to start or resume.
+
+    sinks: where progress goes; by default the terminal, progress.jsonl, and Prometheus and the
+    TrainingRun's status when configured (sinks.default_sinks)."""
     started = time.monotonic()
     out = Path(cfg.output.dir)
     check_output_dir(out, cfg)
@@ -480,6 +473,10 @@ def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int
     pf = run_preflight(cfg, hardware=hw, expect_gpus=expect_gpus, stage="run")
     write_report(pf.report, out / "preflight.json")
     log.info("Preflight:\n%s", pf.report.render())
+    reporter = Reporter(sinks if sinks is not None else default_sinks(cfg))
+    reporter.preflight(pf.report.to_dict())  # a failed preflight shows in the run's status too
+    if pf.report.failed:
+        reporter.close()
     pf.report.raise_if_failed()
     transformers.set_seed(cfg.training.seed)
     data = pf.data
@@ -499,7 +496,7 @@ def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int
     if resume_from is not None:
         tracker.load_state(resume_state.get("validation", {}))
         tracker.saved_step = resume_from.step
-    committer = CheckpointCommitter(cfg, existing, tracker, stop, identity)
+    committer = CheckpointCommitter(cfg, existing, tracker, stop, identity, reporter)
     samples = (
         HighLossSamples(cfg.evaluation.high_loss_samples, out / "high_loss_samples.jsonl", data.train, pf.tokenizer)
         if cfg.evaluation.high_loss_samples and has_validation
@@ -509,10 +506,7 @@ def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int
         RunControl(stop, guard, cfg.checkpoints.every_steps, cfg.checkpoints.every_minutes),
         tracker,
         committer,
-        ProgressTracker(
-            sinks if sinks is not None else [TerminalSink()],
-            samples_per_step=cfg.training.batch_size * cfg.training.gradient_accumulation_steps,
-        ),
+        ProgressTracker(reporter, samples_per_step=cfg.training.batch_size * cfg.training.gradient_accumulation_steps),
     ]
     if samples is not None:
         callbacks.append(samples)
@@ -536,7 +530,7 @@ def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int
     )
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)
-    return Recipe(cfg, pf, model, trainer, tracker, committer, stop, guard, resume_from, finished, started)
+    return Recipe(cfg, pf, model, trainer, tracker, committer, stop, guard, resume_from, finished, reporter, started)
 
 
 def train(recipe: Recipe) -> dict[str, float]:
@@ -702,10 +696,17 @@ def finish(recipe: Recipe, train_metrics: dict[str, float]) -> RunResult:
     out = Path(cfg.output.dir)
     export(out, recipe.model, recipe.tokenizer, cfg, metrics, history)
     log.info("Adapter and reports written to %s", out)
+    recipe.reporter.evaluation(camel({k: metrics[k] for k in EVALUATION_FIELDS}))
     return RunResult(out, metrics, history)
+
+
+EVALUATION_FIELDS = ("eval_loss", "test_loss", "best_eval_loss", "best_step", "restored_best", "early_stopped")
 
 
 def run(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int = 0) -> RunResult:
     """Fine-tune cfg.model with LoRA on cfg.dataset and export the adapter to cfg.output.dir."""
     recipe = setup(cfg, sinks=sinks, expect_gpus=expect_gpus)
-    return finish(recipe, train(recipe))
+    try:
+        return finish(recipe, train(recipe))
+    finally:
+        recipe.reporter.close()

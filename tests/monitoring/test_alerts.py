@@ -1,0 +1,37 @@
+"""The chart's alert rules, checked and unit-tested by promtool (Debian's `prometheus` package)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tests.chart import MONITORING_ON, rendered
+
+HERE = Path(__file__).parent
+
+
+def test_promtool_accepts_the_rules(promtool, rule_file):
+    result = subprocess.run([promtool, "check", "rules", str(rule_file)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 6 rules found" in result.stdout
+
+
+def test_each_alert_fires_when_it_should_and_not_otherwise(promtool, rule_file, tmp_path):
+    tests = yaml.safe_load((HERE / "alerts_test.yaml").read_text())
+    tests["rule_files"] = [str(rule_file)]
+    covered = {case["alertname"] for t in tests["tests"] for case in t["alert_rule_test"]}
+    alerts = {r["alert"] for g in yaml.safe_load(rule_file.read_text())["groups"] for r in g["rules"]}
+    assert covered == alerts, "every alert has its promtool test"
+    path = tmp_path / "alerts_test.yaml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_thresholds_come_from_the_values():
+    rules = rendered("PrometheusRule", {**MONITORING_ON, "prometheusRule": {"enabled": True, "stalledAfter": "1h"}})
+    by_name = {r["alert"]: r for g in rules["spec"]["groups"] for r in g["rules"]}
+    assert "> 3600" in by_name["KubetuneRunStalled"]["expr"]
+    assert by_name["KubetuneRunPendingTooLong"]["for"] == "30m"
