@@ -58,14 +58,6 @@ class StepClock(Sink):
             self.last = now
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def scraper(port: int, stop: threading.Event, every: float = 1.0) -> None:
     while not stop.wait(every):
         with contextlib.suppress(OSError):
@@ -108,6 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    from tests.operator.conftest import free_port
     from tests.operator.emulator import ApiServer
 
     from kubetune_trainer import contract

@@ -239,6 +239,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     # Our events say what changed; kopf's own (from its log lines) only say which handler ran.
     settings.posting.level = logging.CRITICAL + 1
+    # No watching of CRDs and Namespaces: the chart installs the CRD before the operator starts, and
+    # --namespace names exact namespaces; this leaves the operator without any cluster-wide read.
+    settings.scanning.disabled = True
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 16  # handlers wait on the API, not the CPU
     settings.networking.request_timeout = 60

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.chart import MONITORING_ON, rendered
+from tests.helm import MONITORING_ON, rendered
 
 
 def _binary(name: str) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.chart import MONITORING_ON, rendered
+from tests.helm import MONITORING_ON, rendered
 
 HERE = Path(__file__).parent
 

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_trainer.report import Progress
 from kubetune_trainer.sinks import PrometheusSink
-from tests.chart import CHART, MONITORING_ON, rendered
+from tests.helm import CHART, MONITORING_ON, rendered
 from tests.operator.conftest import free_port
 
 DASHBOARD = CHART / "files" / "grafana-dashboard.json"

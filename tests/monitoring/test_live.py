@@ -83,8 +83,9 @@ def prom(prometheus: str, operator: Any, trainer_port: int, tmp_path: Path) -> I
 
 
 def kubectl_get(cluster: Any) -> dict[str, str]:
+    user = cluster.server.kubeconfig(cluster.kubeconfig.with_name("user-kubeconfig"), user="user")
     out = subprocess.run(
-        ["kubectl", "--kubeconfig", str(cluster.kubeconfig), "get", "tr", "-n", NAMESPACE, "watched"],
+        ["kubectl", "--kubeconfig", str(user), "get", "tr", "-n", NAMESPACE, "watched"],
         capture_output=True,
         text=True,
         check=True,

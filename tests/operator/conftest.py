@@ -17,6 +17,7 @@ from tests.operator.jobrunner import JobRunner
 
 NAMESPACE = "ml"
 TRAININGRUNS = ("kubetune.io", "trainingruns")
+OPERATOR_USER, TRAINER_USER = "operator", "trainer"  # bearer tokens: the emulator records each one's calls
 
 
 def free_port() -> int:
@@ -103,9 +104,10 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
     server = ApiServer().start()
-    kubeconfig = server.kubeconfig(root / "kubeconfig")
+    kubeconfig = server.kubeconfig(root / "kubeconfig", user=OPERATOR_USER)
     env = {
-        "KUBECONFIG": str(kubeconfig),  # the trainer pods' way to the API server
+        # The trainer pods' way to the API server, as a user of their own (their service account).
+        "KUBECONFIG": str(server.kubeconfig(root / "trainer-kubeconfig", user=TRAINER_USER)),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",

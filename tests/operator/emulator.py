@@ -290,6 +290,8 @@ class ApiServer:
         self._thread: threading.Thread | None = None
         self.subscribers: list[Callable[[str, Resource, dict[str, Any]], None]] = []
         self.faults: list[list[Any]] = []  # [method, path regex, status, times left]
+        # token -> {(verb, API group, resource[/subresource])}: what each client really called, for RBAC tests
+        self.calls: defaultdict[str, set[tuple[str, str, str]]] = defaultdict(set)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -338,14 +340,15 @@ class ApiServer:
 
         return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(30)
 
-    def kubeconfig(self, path: Path) -> Path:
+    def kubeconfig(self, path: Path, user: str = "test") -> Path:
+        """A kubeconfig for this server; `user` is the bearer token, by which `calls` tells clients apart."""
         path.write_text(
             json.dumps(
                 {
                     "apiVersion": "v1",
                     "kind": "Config",
                     "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-                    "users": [{"name": "test", "user": {"token": "test"}}],
+                    "users": [{"name": "test", "user": {"token": user}}],
                     "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "test"}}],
                     "current-context": "emulator",
                 }
@@ -585,6 +588,8 @@ class ApiServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests[f"{request.method} {self._classify(request.path)}"] += 1
+        if (call := self._verb(request)) is not None:
+            self.calls[request.headers.get("Authorization", "").removeprefix("Bearer ")].add(call)
         if (injected := self._fault(request)) is not None:
             return injected.response()
         try:
@@ -652,6 +657,20 @@ class ApiServer:
             raise ApiError(405, "MethodNotAllowed", f"{request.method} {request.path}")
         except ApiError as exc:
             return exc.response()
+
+    def _verb(self, request: web.Request) -> tuple[str, str, str] | None:
+        """The RBAC verb, group and resource of a request (None for discovery)."""
+        m = self._PATH.match(request.path)
+        if not m or self._discovery(request.path) is not None:
+            return None
+        plural, name, sub = m.group("plural"), m.group("name"), m.group("sub")
+        if plural == "namespaces" and name is None and m.group("ns"):
+            plural, name = "namespaces", m.group("ns")
+        if request.method == "GET":
+            verb = "get" if name else ("watch" if request.query.get("watch") in ("true", "1") else "list")
+        else:
+            verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[request.method]
+        return verb, m.group("g") or "", f"{plural}/{sub}" if sub else plural
 
     @staticmethod
     def _classify(path: str) -> str:

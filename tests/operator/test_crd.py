@@ -13,8 +13,8 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune_operator import api, crd
+from tests.helm import KUBE_VERSIONS
 
-KUBERNETES_VERSIONS = ("1.29.0", "1.36.0")  # the oldest and newest the chart supports
 CRD = crd.render()
 SPEC_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
 VALID = {"model": {"nameOrPath": "Qwen/Qwen2.5-0.5B-Instruct"}, "dataset": {"path": "data/train.jsonl"}}
@@ -27,7 +27,7 @@ def test_committed_crd_files_are_fresh():
     assert yaml.safe_load(main.read_text()) == CRD
 
 
-@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_crd_is_a_valid_kubernetes_object(version):
     kubernetes_validate.validate(CRD, version, strict=True)
 
@@ -223,3 +223,12 @@ def test_spec_is_fixed_once_created_except_the_lifecycle_fields():
     fixed = {p.split(".")[1] for p, r, _ in rules_at(old, SPEC_SCHEMA) if "oldSelf" in r}
     assert {"model", "dataset", "lora", "training", "resources", "storage"} <= fixed
     assert not fixed & set(api.MUTABLE_FIELDS)
+
+
+@pytest.mark.parametrize("path", sorted(crd.ROOT.joinpath("examples").glob("trainingrun-*.yaml")), ids=lambda p: p.name)
+def test_examples_pass_the_crd_schema(path):
+    import jsonschema
+
+    manifest = yaml.safe_load(path.read_text())
+    assert manifest["kind"] == api.KIND and manifest["apiVersion"] == f"{api.GROUP}/{api.VERSION}"
+    jsonschema.Draft4Validator(SPEC_SCHEMA).validate(manifest["spec"])  # OpenAPI 3.0 keywords are draft 4's

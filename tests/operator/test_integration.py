@@ -277,3 +277,48 @@ def test_an_operator_restart_mid_run_creates_no_duplicates(cluster, operator, se
     assert len(cluster.children("configmaps", "restart")) == 1
     assert len(cluster.pods("restart-train")) == 1
     assert status["restarts"] == 0
+
+
+# --------------------------------------------------------------------------- RBAC, from the calls made above
+
+# The operator creates each run's Role granting get/patch on the run's status; RBAC lets it grant only
+# what it holds, so it holds `get` without calling it.
+HELD_TO_GRANT = {("get", "kubetune.io", "trainingruns/status")}
+
+
+def _granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(v, g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def test_the_chart_grants_the_operator_exactly_the_calls_it_made(cluster):
+    """Runs last: the module's runs have made every kind of call (create, suspend, watch, status, events)."""
+    from tests.helm import render
+    from tests.operator.conftest import OPERATOR_USER
+
+    called = cluster.server.call(lambda: set(cluster.server.calls[OPERATOR_USER]))
+    if ("patch", "batch", "jobs") not in called:
+        pytest.skip("needs the module's earlier runs (suspend patches a Job)")
+    from kubetune_operator.kube import CALLS
+
+    assert set(CALLS) == called, "kube.CALLS lists what the operator calls"
+    for values, kind in (({}, "ClusterRole"), ({"watchNamespaces": ["ml", "team-b"]}, "Role")):
+        roles = [o for o in render(values) if o["kind"] == kind]
+        assert roles, kind
+        for role in roles:
+            granted = _granted(role["rules"])
+            assert called <= granted, f"{kind} lacks {sorted(called - granted)}"
+            assert granted <= called | HELD_TO_GRANT, f"{kind} grants unused {sorted(granted - called - HELD_TO_GRANT)}"
+
+
+def test_the_trainer_calls_only_what_its_run_role_grants(cluster):
+    from tests.operator.conftest import TRAINER_USER
+
+    called = cluster.server.call(lambda: set(cluster.server.calls[TRAINER_USER]))
+    assert ("patch", "kubetune.io", "trainingruns/status") in called, "the trainers patched their runs' status"
+    roles = cluster.server.call(
+        lambda: cluster.server.list(cluster.res("rbac.authorization.k8s.io", "roles"), NAMESPACE)
+    )
+    assert roles, "the operator made a Role per run"
+    for role in roles:
+        assert called <= _granted(role["rules"]), role["metadata"]["name"]
+        assert [rule["resourceNames"] for rule in role["rules"]] == [[role["metadata"]["labels"]["kubetune.io/run"]]]

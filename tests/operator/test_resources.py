@@ -11,6 +11,7 @@ from kubetune_operator import api
 from kubetune_operator import constants as c
 from kubetune_operator import resources as r
 from kubetune_trainer.config import parse_config
+from tests.helm import KUBE_VERSIONS
 
 RUN = r.RunRef("my-run", "ml", "0b4f7e3a-1111-2222-3333-444455556666")
 SETTINGS = r.OperatorSettings(trainer_image="registry.local/kubetune/trainer:0.1.0")
@@ -60,7 +61,7 @@ def build(variant: str) -> tuple[api.TrainingRunSpec, list[dict[str, Any]]]:
     return spec, [*r.base_children(RUN, spec, SETTINGS), r.train_job(RUN, spec, SETTINGS)]
 
 
-@pytest.mark.parametrize("version", ["1.29.0", "1.36.0"])
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_manifest_validates(variant, version):
     for manifest in build(variant)[1]:

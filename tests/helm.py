@@ -9,6 +9,8 @@ import yaml
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "kubetune"
 RELEASE, NAMESPACE = "kubetune", "kubetune-system"
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest with published schemas.
+KUBE_VERSIONS = ("1.29.0", "1.37.0")
 
 
 def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -17,7 +19,7 @@ def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
 
     chart = helm_python.Chart.load(str(CHART))
     out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    return [doc for text in out.values() for doc in yaml.safe_load_all(text) if doc]
+    return [doc for path, text in out.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
 
 
 def rendered(kind: str, values: dict[str, Any] | None = None) -> dict[str, Any]:
