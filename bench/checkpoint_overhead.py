@@ -1,10 +1,12 @@
 """What checkpoints cost, and how fast a preempted run is back to training.
 
-1. Save overhead: the same run twice, side by side in this process: once saving only at
-   the end, once saving every --every steps. The difference in training time divided by
-   the number of extra saves is the cost of one save (Trainer's write plus kubetune's
-   fsync, sha256 manifest and rename). Its share of training time at the default interval
-   (checkpoints.everyMinutes: 10) is cost / (600 s + cost).
+1. Save cost: one run at the default evaluation and checkpoint settings (a validation split,
+   about ten evaluations, a save at each new best and at the end, checkpoints.everyMinutes: 10),
+   with every save timed where it happens: Trainer's write of the checkpoint and kubetune's
+   commit (fsync and sha256 of every file, the manifest, the rename, the prune). Reported: the
+   median save, the saves that run made and their share of its training time, and the share
+   for a one-hour run at the same defaults (ten evaluations' worth of best saves, six periodic
+   ones, the final one).
 2. Restart: `kubetune-train run` as a process, from process start to the first optimizer
    step logged: a cold start against a resume from a checkpoint (after SIGTERM).
 
@@ -14,9 +16,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,41 +33,55 @@ import yaml
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 DEFAULT_INTERVAL_S = 600
+HOUR_S = 3600
 
 
 def config(work: Path, name: str, args: argparse.Namespace, **training) -> dict:
     return {
         "model": {"nameOrPath": str(work / "model")},
-        "dataset": {"path": str(work / "qa.jsonl"), "maxSeqLength": 64, "validationSplit": 0, "testSplit": 0},
+        "dataset": {
+            "path": str(work / "qa.jsonl"),
+            "maxSeqLength": 64,
+            "validationSplit": 0,
+            "testSplit": 0,
+            "preparedDir": str(work / name / "prepared"),  # in the bench's own directory, not the cwd
+        },
         "lora": {"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.0},
         "training": {"maxSteps": args.steps, "batchSize": 8, "learningRate": 1e-3, "loggingSteps": 1, **training},
-        "checkpoints": {"dir": str(work / name / "ckpt"), "everyMinutes": None},
+        "checkpoints": {"dir": str(work / name / "ckpt")},
         "output": {"dir": str(work / name / "out")},
     }
 
 
-def save_overhead(work: Path, args: argparse.Namespace) -> dict:
+def save_cost(work: Path, args: argparse.Namespace) -> dict:
     from kubetune_trainer import checkpoints
     from kubetune_trainer.config import TrainConfig
-    from kubetune_trainer.train import run
+    from kubetune_trainer.train import finish, setup, train
 
-    timings = {}
-    for name, every in (("end-only", None), ("periodic", args.every)):
-        raw = config(work, name, args)
-        raw["checkpoints"]["everySteps"] = every
-        raw["checkpoints"]["keep"] = 2
-        metrics = run(TrainConfig.model_validate(raw), sinks=[]).metrics
-        timings[name] = metrics["train_runtime_seconds"]
-    saves = args.steps // args.every - 1  # the final save happens in both runs
-    (latest,) = checkpoints.scan(work / "end-only" / "ckpt")
-    per_save = (timings["periodic"] - timings["end-only"]) / saves
+    raw = config(work, "saves", args)
+    raw["dataset"]["validationSplit"] = 0.1  # the default: evaluations, and a save at each new best
+    recipe = setup(TrainConfig.model_validate(raw), sinks=[])
+    try:
+        metrics = finish(recipe, train(recipe)).metrics
+    finally:
+        recipe.reporter.close()
+    saves = recipe.stop.save_seconds  # timed in the run: Trainer's write through kubetune's commit
+    evaluations = sum(1 for h in recipe.trainer.state.log_history if "eval_loss" in h)
+    median = statistics.median(saves)
+    # A one-hour run at the defaults: at most one save per evaluation (a new best), one every
+    # everyMinutes, and the final one.
+    hour_saves = (evaluations - 1) + HOUR_S // DEFAULT_INTERVAL_S + 1
     return {
-        "train_s_end_only": timings["end-only"],
-        "train_s_periodic": timings["periodic"],
-        "extra_saves": saves,
-        "per_save_s": per_save,
-        "checkpoint_mb": checkpoints.size_bytes(latest.path) / 1e6,
-        "share_at_default": max(per_save, 0.0) / (DEFAULT_INTERVAL_S + max(per_save, 0.0)),
+        "saves": len(saves),
+        "evaluations": evaluations,
+        "median_save_s": median,
+        "min_save_s": min(saves),
+        "max_save_s": max(saves),
+        "train_s": metrics["train_runtime_seconds"],
+        "share_of_run": sum(saves) / metrics["train_runtime_seconds"],
+        "hour_saves": hour_saves,
+        "share_of_hour": hour_saves * median / HOUR_S,
+        "checkpoint_mb": checkpoints.size_bytes(recipe.committer.latest.path) / 1e6,
     }
 
 
@@ -93,7 +111,7 @@ def first_step_seconds(config_path: Path, step: int, *, then: signal.Signals = s
 
 
 def restart(work: Path, args: argparse.Namespace, repeats: int = 3) -> dict:
-    """Best of `repeats` for each, after a warm-up run (page cache, datasets cache)."""
+    """Best of `repeats` for each, after a warm-up run (page cache, the prepared data)."""
     import shutil
 
     cold = work / "cold.yaml"
@@ -102,10 +120,11 @@ def restart(work: Path, args: argparse.Namespace, repeats: int = 3) -> dict:
     resumed.write_text(yaml.safe_dump(config(work, "resumed", args)))
     stop = args.steps // 2
     first_step_seconds(resumed, stop, then=signal.SIGTERM)  # trains to `stop`, saves, exits 143
-    first_step_seconds(cold, 1)  # warm-up
+    first_step_seconds(cold, 1)  # warm-up; leaves the cold run's prepared data in place
     cold_s, resumed_s = [], []
     for _ in range(repeats):
-        shutil.rmtree(work / "cold", ignore_errors=True)
+        shutil.rmtree(work / "cold" / "ckpt", ignore_errors=True)
+        shutil.rmtree(work / "cold" / "out", ignore_errors=True)
         cold_s.append(first_step_seconds(cold, 1))
         resumed_s.append(first_step_seconds(resumed, stop + 2))  # killed before its next save
     return {"cold_s": min(cold_s), "resumed_s": min(resumed_s)}
@@ -117,17 +136,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--every", type=int, default=6, help="periodic save interval in steps")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
     from kubetune_trainer.qa import render_pairs
     from kubetune_trainer.quickstart import BRANCH_TEMPLATES, branch_records, build_tiny_model
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
         work = Path(tmp)
         pairs = render_pairs(branch_records(48), BRANCH_TEMPLATES)
-        (work / "qa.jsonl").write_text("".join(__import__("json").dumps(p) + "\n" for p in pairs))
+        (work / "qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
         build_tiny_model(
             [p["prompt"] + p["completion"] for p in pairs],
             work / "model",
@@ -135,18 +153,20 @@ def main() -> None:
             layers=args.layers,
             heads=max(2, args.hidden // 64),
         )
-        overhead = save_overhead(work, args)
+        cost = save_cost(work, args)
         startup = restart(work, args)
 
     print(f"model: Qwen2 hidden {args.hidden}, {args.layers} layers, LoRA r={args.rank}; {args.steps} steps of batch 8")
-    print(f"checkpoint size                         {overhead['checkpoint_mb']:8.1f} MB")
-    print(f"train time, save at end only (baseline) {overhead['train_s_end_only']:8.2f} s")
+    print(f"checkpoint size                                   {cost['checkpoint_mb']:8.1f} MB")
     print(
-        f"train time, save every {args.every} steps          {overhead['train_s_periodic']:8.2f} s "
-        f"({overhead['extra_saves']} extra saves)"
+        f"one save, median of {cost['saves']} (write + fsync, sha256 manifest, rename) "
+        f"{cost['median_save_s']:8.3f} s (min {cost['min_save_s']:.3f}, max {cost['max_save_s']:.3f})"
     )
-    print(f"one save                                {overhead['per_save_s']:8.3f} s")
-    print(f"share of training time at the default interval (10 min): {overhead['share_at_default']:.4%}")
+    print(
+        f"saves in this {cost['train_s']:.0f} s run at the defaults ({cost['evaluations']} evaluations): "
+        f"{cost['saves']}, {cost['share_of_run']:.2%} of its training time"
+    )
+    print(f"a one-hour run at the defaults: {cost['hour_saves']} saves, {cost['share_of_hour']:.3%} of its time")
     print(f"process start to first step, cold start (baseline)  {startup['cold_s']:6.2f} s")
     print(f"process start to first step after resume            {startup['resumed_s']:6.2f} s")
     print(f"ratio resume/cold: {startup['resumed_s'] / startup['cold_s']:.2f}x")

@@ -28,7 +28,7 @@ def test_chat_example_data_is_valid_and_masks_assistant_turns(monkeypatch, token
         row, raw = data.train[i], data.raw["train"][i]
         learned = tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100])
         assistant = [m["content"] for m in raw["messages"] if m["role"] == "assistant"]
-        assert learned == "".join(f"{a}<|im_end|>\n" for a in assistant)
+        assert learned == "".join(f"{a}<|im_end|>\n" for a in assistant) + tokenizer.eos_token
 
 
 def test_local_tiny_example_runs_after_the_quickstart_setup(monkeypatch, tmp_path):

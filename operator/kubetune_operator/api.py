@@ -84,8 +84,8 @@ class StorageSpec(_Model):
 
 
 class KeySelector(_Model):
-    name: str = Field(min_length=1, description="Name of the Secret or ConfigMap.")
-    key: str = Field(min_length=1, description="Key within it.")
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret or ConfigMap.")
+    key: str = Field(min_length=1, max_length=253, description="Key within it.")
 
 
 class EnvVarSource(_Model):
@@ -104,8 +104,10 @@ class EnvVarSource(_Model):
 
 
 class EnvVar(_Model):
-    name: str = Field(min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name.")
-    value: str | None = Field(None, description="Literal value.")
+    name: str = Field(
+        min_length=1, max_length=253, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name."
+    )
+    value: str | None = Field(None, max_length=32768, description="Literal value.")
     value_from: EnvVarSource | None = Field(None, description="Take the value from a Secret or ConfigMap key.")
 
     cel_rules = (("has(self.value) != has(self.valueFrom)", "set exactly one of value and valueFrom"),)
@@ -118,13 +120,41 @@ class EnvVar(_Model):
 
 
 class Toleration(_Model):
-    key: str | None = Field(None, description="Taint key; all taints when unset and operator is Exists.")
+    key: str | None = Field(
+        None, max_length=317, description="Taint key; all taints when unset and operator is Exists."
+    )
     operator: Literal["Exists", "Equal"] = Field("Equal", description="How key and value are compared.")
-    value: str | None = Field(None, description="Taint value for operator Equal.")
+    value: str | None = Field(None, max_length=63, description="Taint value for operator Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to tolerate; all when unset."
     )
     toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound.")
+
+    # The Kubernetes API refuses pods that break these (a 422 on the Job), so they are checked up front.
+    cel_rules = (
+        (
+            "self.operator == 'Exists' || (has(self.key) && size(self.key) > 0)",
+            "a toleration needs a key unless its operator is Exists",
+        ),
+        (
+            "self.operator != 'Exists' || !has(self.value) || size(self.value) == 0",
+            "a toleration with operator Exists takes no value",
+        ),
+        (
+            "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            "tolerationSeconds needs effect NoExecute",
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _kubernetes_rules(self) -> Toleration:
+        if self.operator != "Exists" and not self.key:
+            raise ValueError("a toleration needs a key unless its operator is Exists")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists takes no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
 
 
 class ClusterReporting(ReportingConfig):
@@ -150,27 +180,35 @@ class TrainingRunSpec(TrainConfig):
         description="Where progress goes: the run's status (always) and the pod's Prometheus metrics.",
     )
     image: str | None = Field(
-        None, description="Trainer image; the operator's default (Helm value trainer.image) when unset."
+        None,
+        max_length=1024,
+        description="Trainer image; the operator's default (Helm value trainer.image) when unset.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         None, description="Image pull policy of the trainer containers; the Kubernetes default when unset."
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute for the pods.")
-    node_selector: dict[str, str] = Field({}, description="Node labels the training pod requires.")
-    tolerations: list[Toleration] = Field([], description="Taints the pods tolerate.")
+    # Bounds keep the API server's estimate of the CEL rules' cost (self == oldSelf, per-item rules) small.
+    node_selector: dict[str, str] = Field({}, max_length=64, description="Node labels the training pod requires.")
+    tolerations: list[Toleration] = Field([], max_length=64, description="Taints the pods tolerate.")
     affinity: FreeForm | None = Field(None, description="Pod affinity, as in a PodSpec.")
-    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    priority_class_name: str | None = Field(
+        None, max_length=253, description="PriorityClass of the pods (it must exist)."
+    )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="The run's volume, mounted at /workspace.")
-    env: list[EnvVar] = Field([], description="Extra environment variables for the trainer.")
+    env: list[EnvVar] = Field([], max_length=128, description="Extra environment variables for the trainer.")
     hf_token_secret: KeySelector | None = Field(
         None, description="Secret key with a Hugging Face token, passed as HF_TOKEN (for gated models)."
     )
     suspend: bool = Field(
         False,
-        description="Suspend the run: the trainer saves a checkpoint and stops; false resumes from it.",
+        description="Suspend the run: the trainer saves a checkpoint and stops; false resumes from it. With "
+        "queueName the training Job is deleted instead (Kueue starts any admitted Job that is suspended) and made "
+        "again on resume, for Kueue to admit.",
     )
     queue_name: str | None = Field(
         None,
+        max_length=63,
         description="Kueue LocalQueue. The training Job is created suspended with the kueue.x-k8s.io/queue-name "
         "label and starts when Kueue admits it.",
     )
@@ -178,13 +216,22 @@ class TrainingRunSpec(TrainConfig):
         3,
         ge=0,
         description="Failed training pods retried before the run fails (the Job's backoffLimit). Evictions and "
-        "preemptions do not count.",
+        "preemptions do not count. May change on a run: a running Job takes the new value, and raising it on a "
+        "run that failed with BackoffLimitExceeded retries it from its newest checkpoint (a new training Job, "
+        "with this many restarts again).",
     )
     active_deadline_seconds: int | None = Field(
-        None, ge=1, description="Fail the training Job after this many seconds of running."
+        None,
+        ge=1,
+        description="Fail the run once its training Job has been running this long (counted again after a "
+        "suspension or a retry). May change on a run: a running Job takes the new value, and raising or removing "
+        "it on a run that failed with DeadlineExceeded retries it from its newest checkpoint.",
     )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Delete the finished Jobs (not the run or its volume) this many seconds after."
+        None,
+        ge=0,
+        description="Delete the run's Jobs (not the run or its volume) this many seconds after they finished. The "
+        "operator sets it on the Jobs once the run has succeeded or failed, never before.",
     )
     termination_grace_period_seconds: int = Field(
         60,
@@ -221,7 +268,10 @@ class TrainingRunSpec(TrainConfig):
 
 
 class Condition(_Model):
-    type: str = Field(description="Initialized, Admitted, Running, Suspended, Succeeded or Failed.")
+    type: str = Field(
+        description="Initialized, Admitted (runs with a queueName: Kueue admitted the training Job), Running, "
+        "Suspended, Succeeded or Failed."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
     reason: str = Field(description="Machine-readable reason, CamelCase.")
     message: str = Field("", description="What happened, for people.")
@@ -245,12 +295,20 @@ class TrainingRunStatus(_Model):
     phase: Phase | None = Field(None, description="Where the run is in its life.")
     reason: str | None = Field(None, description="Why it is in that phase, CamelCase (e.g. Unschedulable, Diverged).")
     message: str | None = Field(None, description="What happened and, for a failure, what to change.")
-    conditions: list[Condition] = Field([], description="Detailed state, one entry per type.")
+    conditions: list[Condition] = Field(
+        [],
+        description="Detailed state, one entry per type.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     observed_generation: int | None = Field(None, description="The spec generation the operator last acted on.")
     job_name: str | None = Field(None, description="The training Job.")
-    restarts: int = Field(0, description="Training pods that failed or were evicted and were replaced.")
-    start_time: str | None = Field(None, description="When training started.")
-    completion_time: str | None = Field(None, description="When the run succeeded or failed.")
+    restarts: int = Field(
+        0, description="Training pods that failed or were evicted and were replaced (a final failure is not)."
+    )
+    start_time: str | None = Field(None, description="When training started (the training Job's startTime).")
+    completion_time: str | None = Field(
+        None, description="When the run succeeded or failed (the Job's completion or failure time)."
+    )
     output: OutputStatus | None = Field(None, description="Where the exported adapter is.")
 
     progress: FreeForm | None = Field(None, description="Written by the trainer: step, loss, throughput, ETA.")

@@ -63,4 +63,14 @@ REASON_OOM = "OutOfMemory"
 REASON_BACKOFF = "BackoffLimitExceeded"
 REASON_DEADLINE = "DeadlineExceeded"
 REASON_KUEUE = "WaitingForAdmission"
+REASON_ADMITTED = "Admitted"
+REASON_CONTAINER_CONFIG = "ContainerConfigError"  # a Secret or ConfigMap the pod needs is missing
+REASON_CREATE_FAILED = "CreateFailed"  # the API server refused a child (400/403/422)
+REASON_BLOCKED = "WaitingForOldChildren"  # a child's name is held by another owner (a deleted run's)
+REASON_QUOTA = "QuotaExceeded"
+REASON_RETRYING = "Retrying"
+# Waiting phases that need someone to act: posted as Warning Events (as every Failed is).
+WARNING_REASONS = (REASON_UNSCHEDULABLE, REASON_IMAGE_PULL, REASON_CONTAINER_CONFIG, REASON_BLOCKED, REASON_QUOTA)
 IMAGE_PULL_GRACE_SECONDS = 300  # an image that has not pulled in this long fails the run
+# Kubelet waiting reasons of a container whose Secret/ConfigMap (env, hfTokenSecret) is missing.
+CONTAINER_CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")

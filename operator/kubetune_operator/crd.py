@@ -80,6 +80,9 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], models: dict[str, type[
             out["properties"] = {p: _convert(v, defs, models, None) for p, v in value.items()}
         elif key == "items":
             out["items"] = _convert(value, defs, models, None)
+            # An item is never absent, so a default there is never applied, but the API server still checks it
+            # against the item's rules: `{}` for a toleration fails "a key unless operator is Exists".
+            out["items"].pop("default", None)
         elif key == "additionalProperties" and isinstance(value, dict):
             out["additionalProperties"] = _convert(value, defs, models, None)
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
@@ -115,9 +118,13 @@ _ORDER = (
     "maxLength",
     "pattern",
     "minItems",
+    "maxItems",
+    "maxProperties",
     "x-kubernetes-int-or-string",
     "anyOf",
     "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
     "items",
     "additionalProperties",
     "required",
@@ -133,16 +140,31 @@ def _ordered(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def _immutable(spec: dict[str, Any]) -> None:
-    """Every spec field but api.MUTABLE_FIELDS is fixed once the run exists."""
+    """Every spec field but api.MUTABLE_FIELDS is fixed once the run exists.
+
+    A field's own `self == oldSelf` runs only when the field is there before and after, so an optional
+    field without a default (image, queueName, ...) could still be added or removed: a rule on the spec
+    itself closes that."""
+    required = set(spec.get("required", []))
+    presence = []
     for field, schema in spec["properties"].items():
-        if field not in api.MUTABLE_FIELDS:
-            rules = schema.setdefault("x-kubernetes-validations", [])
-            rules.append(
+        if field in api.MUTABLE_FIELDS:
+            continue
+        rules = schema.setdefault("x-kubernetes-validations", [])
+        rules.append(
+            {
+                "rule": "self == oldSelf",
+                "message": f"{field} cannot change after the run is created; create a new TrainingRun",
+            }
+        )
+        if field not in required and "default" not in schema:
+            presence.append(
                 {
-                    "rule": "self == oldSelf",
-                    "message": f"{field} cannot change after the run is created; create a new TrainingRun",
+                    "rule": f"has(self.{field}) == has(oldSelf.{field})",
+                    "message": f"{field} cannot be added or removed after the run is created; create a new TrainingRun",
                 }
             )
+    spec.setdefault("x-kubernetes-validations", []).extend(presence)
 
 
 PRINTER_COLUMNS = [

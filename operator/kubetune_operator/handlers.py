@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -34,9 +35,9 @@ from pydantic import ValidationError
 
 from kubetune_operator import api, resources
 from kubetune_operator import constants as c
-from kubetune_operator.kube import Kube, is_transient
+from kubetune_operator.kube import ChildBlocked, CreateRefused, Kube, is_transient
 from kubetune_operator.metrics import OperatorMetrics
-from kubetune_operator.status import Derived, JobView, Observation, PodLedger, derive
+from kubetune_operator.status import Derived, JobView, Observation, PodLedger, controller_uid, derive, prepared
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +69,36 @@ def validate(spec: Any, name: str) -> tuple[api.TrainingRunSpec | None, str | No
             shown = "" if err["type"] in ("missing", "value_error") else f" (got {err.get('input')!r})"
             problems.append(f"{path}: {err['msg'].removeprefix('Value error, ')}{shown}")
     if problems:
-        return None, "Invalid spec: " + "; ".join(problems) + ". Fix it in a new TrainingRun (the spec is fixed)."
+        return None, "Invalid spec: " + "; ".join(problems) + "."
     return parsed, None
 
 
 def observe(
-    kube: Kube, body: dict[str, Any], spec: api.TrainingRunSpec | None, invalid: str | None, memory: RunMemory
+    kube: Kube,
+    body: dict[str, Any],
+    spec: api.TrainingRunSpec | None,
+    invalid: str | None,
+    memory: RunMemory,
+    previous: dict[str, Any],
 ) -> Observation:
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
-    jobs, pods = kube.children(namespace, name) if invalid is None else ({}, [])
+    # Listed also when the spec is invalid: a run that turns invalid while training must be stopped.
+    jobs, pods = kube.children(namespace, name, meta.get("uid", ""))
     memory.job_versions = {n: j["metadata"].get("resourceVersion", "") for n, j in jobs.items()}
 
     def job_view(component: str) -> JobView | None:
         job = jobs.get(resources.child_name(name, component))
         if job is None:
             return None
-        owned = [p for p in pods if p["metadata"].get("labels", {}).get("job-name") == job["metadata"]["name"]]
+        uid = job["metadata"].get("uid")
+        # By the controller's uid, not the job-name label: a replaced Job's pods carry the same name.
+        owned = [p for p in pods if controller_uid(p) == uid]
         return JobView.from_dict(job, owned)
 
     train = job_view(c.TRAIN)
-    restarts = memory.ledger.look(train, suspended=bool(spec and spec.suspend) or bool(train and train.suspended))
+    suspended = invalid is not None or bool(spec and spec.suspend) or bool(train and train.suspended)
+    restarts = memory.ledger.look(train, suspended=suspended)
     volume = None
     if spec is not None:
         volume = resources.volume_claim_name(resources.RunRef(name, namespace, meta.get("uid", "")), spec)
@@ -99,51 +109,121 @@ def observe(
         invalid=invalid,
         prepare=job_view(c.PREPARE),
         train=train,
-        previous=dict(body.get("status") or {}),
+        previous=previous,
         now=datetime.now(timezone.utc),
         volume=volume,
         restarts=restarts,
     )
 
 
+def _stop(kube: Kube, namespace: str, obs: Observation) -> Observation:
+    """Stop the run's unfinished Jobs. A Kueue Job is deleted, not suspended: Kueue starts any suspended Job
+    whose workload it has admitted. Its pods get SIGTERM either way, and the trainer saves a checkpoint."""
+    train, prepare = obs.train, obs.prepare
+    if train is not None and not train.finished:
+        if train.kueue:
+            kube.delete_job(namespace, train.name)
+            obs = replace(obs, train=None)
+        elif not train.suspended:
+            kube.set_job_suspended(namespace, train.name, True)
+            obs = replace(obs, train=replace(train, suspended=True))
+    if prepare is not None and not prepare.finished and not prepare.suspended:
+        kube.set_job_suspended(namespace, prepare.name, True)
+        obs = replace(obs, prepare=replace(prepare, suspended=True))
+    return obs
+
+
+def _create_base(kube: Kube, manifests: list[dict[str, Any]]) -> None:
+    """Create the base children; say at once every one that is blocked, and hold the prepare Job back
+    while any is (its pod would mount an old run's volume or config)."""
+    blocked: list[ChildBlocked] = []
+    for manifest in manifests:
+        if manifest["kind"] == "Job" and blocked:
+            break
+        try:
+            kube.create(manifest)
+        except ChildBlocked as exc:
+            blocked.append(exc)
+    if blocked:
+        raise ChildBlocked(blocked[0].reason, " ".join(str(b) for b in blocked))
+
+
 def act(
-    kube: Kube, settings: resources.OperatorSettings, body: dict[str, Any], obs: Observation, derived: Derived
+    kube: Kube, settings: resources.OperatorSettings, run: resources.RunRef, obs: Observation, derived: Derived
 ) -> Observation:
     """Create the children the run is due and steer its Jobs; return the observation as it now stands
     (from what was just done, so nothing needs listing again)."""
-    spec = obs.spec
-    if spec is None or (obs.previous.get("phase") in c.TERMINAL and derived.phase in c.TERMINAL):
+    ns, spec = run.namespace, obs.spec
+    if derived.retry and obs.train is not None:
+        # The failed Job cannot run again; its replacement (next pass, once this one is gone) resumes from
+        # the newest checkpoint on the volume.
+        kube.delete_job(ns, obs.train.name)
+        return replace(obs, train=None)
+    if derived.stop_jobs:
+        obs = _stop(kube, ns, obs)
+    if spec is None or derived.phase in c.TERMINAL:
+        return obs  # stopped above if it had to be; the TTL comes after the status is written (expire)
+    prepare, train = obs.prepare, obs.train
+    if not prepared(obs):
+        if prepare is None:
+            _create_base(kube, resources.base_children(run, spec, settings))
+            return replace(obs, prepare=JobView(resources.child_name(run.name, c.PREPARE)))
+        if prepare.suspended and not prepare.finished:  # stopped while the spec was invalid; valid again
+            kube.set_job_suspended(ns, prepare.name, False)
+            obs = replace(obs, prepare=replace(prepare, suspended=False))
         return obs
-    meta = body["metadata"]
-    run = resources.RunRef(meta["name"], meta["namespace"], meta["uid"])
-    if obs.prepare is None:
-        for manifest in resources.base_children(run, spec, settings):
-            kube.create(manifest)
-        obs = replace(obs, prepare=JobView(resources.child_name(run.name, c.PREPARE)))
-    elif obs.prepare.complete and obs.train is None and derived.phase != c.FAILED:
+    if train is None:
+        if spec.suspend:
+            return obs  # made on resume: a suspended Kueue Job would be started by Kueue
         job = resources.train_job(run, spec, settings)
         kube.create(job)
-        obs = replace(obs, train=JobView(job["metadata"]["name"], suspended=job["spec"]["suspend"]))
-    elif obs.train is not None and not (obs.train.complete or obs.train.failed_condition):
-        # Suspend on request or when the run failed in a way the Job cannot see. Unsuspending a queued
-        # Job is Kueue's decision, not ours.
-        want = spec.suspend or derived.stop_jobs or (obs.train.suspended and bool(spec.queue_name))
-        if want != obs.train.suspended:
-            kube.set_job_suspended(run.namespace, obs.train.name, want)
-            obs = replace(obs, train=replace(obs.train, suspended=want))
-    if derived.stop_jobs and obs.prepare is not None and not obs.prepare.suspended and not obs.prepare.complete:
-        kube.set_job_suspended(run.namespace, obs.prepare.name, True)
-        obs = replace(obs, prepare=replace(obs.prepare, suspended=True))
+        view = JobView(job["metadata"]["name"], suspended=job["spec"]["suspend"], kueue=bool(spec.queue_name))
+        return replace(obs, train=view)
+    if train.finished:
+        return obs
+    if spec.suspend and train.kueue:
+        kube.delete_job(ns, train.name)
+        return replace(obs, train=None)
+    # Suspend on request; unsuspending a queued Job is Kueue's decision, not ours.
+    want = spec.suspend or (train.suspended and train.kueue)
+    if want != train.suspended:
+        kube.set_job_suspended(ns, train.name, want)
+        obs = replace(obs, train=replace(train, suspended=want))
+    if (patch := resources.job_patch(train, spec, c.TRAIN, run_ended=False)) is not None:
+        kube.patch_job(ns, train.name, patch)
     return obs
+
+
+def expire(kube: Kube, namespace: str, obs: Observation) -> None:
+    """Once the run's end is written: give its Jobs spec.ttlSecondsAfterFinished (or take it away)."""
+    if obs.spec is None:
+        return
+    for component, job in ((c.PREPARE, obs.prepare), (c.TRAIN, obs.train)):
+        if job is not None and (patch := resources.job_patch(job, obs.spec, component, run_ended=True)):
+            kube.patch_job(namespace, job.name, patch)
 
 
 OPERATOR_FIELDS = set(api.TrainingRunStatus.OPERATOR_FIELDS)
 
 
 def status_patch(previous: dict[str, Any], derived: Derived) -> dict[str, Any] | None:
-    """The merge patch of the operator's own status fields, or None when nothing changed."""
+    """The merge patch of the operator's own status fields (null removes one), or None when nothing changed."""
     mine = {k: v for k, v in previous.items() if k in OPERATOR_FIELDS}
-    return None if mine == derived.status else derived.status
+    patch: dict[str, Any] = {k: v for k, v in derived.status.items() if mine.get(k) != v}
+    patch.update({k: None for k in mine if k not in derived.status})
+    return patch or None
+
+
+def refused(exc: CreateRefused) -> str:
+    advice = (
+        "Check the operator's RBAC (the Helm chart's) and the namespace's admission policies"
+        if exc.status == 403
+        else "Fix the spec in a new TrainingRun"
+    )
+    return (
+        f"The API server refused to create {exc.kind} {exc.name} ({exc.status}): {exc.server_message.rstrip('.')}. "
+        f"{advice}."
+    )
 
 
 @dataclass
@@ -152,33 +232,75 @@ class RunMemory:
 
     ledger: PodLedger = field(default_factory=PodLedger)  # its training pods, for restarts
     job_versions: dict[str, str] = field(default_factory=dict)  # resourceVersion of each Job last observed
+    # The operator's status fields as last written. Only the operator writes them, so they are fresher than
+    # any cached body: a watch event may still carry the status from before the last patch.
+    status: dict[str, Any] | None = None
 
 
 def reconcile(
-    kube: Kube, settings: resources.OperatorSettings, body: dict[str, Any], memory: RunMemory | None = None
+    kube: Kube,
+    settings: resources.OperatorSettings,
+    body: dict[str, Any],
+    memory: RunMemory | None = None,
+    post_event: Callable[..., None] = kopf.event,
 ) -> Derived:
-    """One pass: observe, derive, act, derive what acting made, patch the status once."""
+    """One pass: observe, derive, act, derive what acting made, patch the status once (if it changed), post
+    one Event per change of phase or reason.
+
+    Raises ChildBlocked (retry later) and CreateRefused (the run failed for good) once the status says so."""
     memory = RunMemory() if memory is None else memory
     meta = body["metadata"]
-    spec, invalid = validate(body.get("spec"), meta["name"])
-    obs = observe(kube, body, spec, invalid, memory)
+    run = resources.RunRef(meta["name"], meta["namespace"], meta.get("uid", ""))
+    spec, invalid = validate(body.get("spec"), run.name)
+    previous = dict(body.get("status") or {})
+    if memory.status is not None:
+        previous = {k: v for k, v in previous.items() if k not in OPERATOR_FIELDS} | memory.status
+    obs = observe(kube, body, spec, invalid, memory, previous)
     derived = derive(obs)
-    acted = act(kube, settings, body, obs, derived)
-    # A terminal verdict stands: what acting on it does (stopping a Job) must not be read back as progress.
-    if acted is not obs and derived.phase not in c.TERMINAL:
+    problem: ChildBlocked | CreateRefused | None = None
+    try:
+        acted = act(kube, settings, run, obs, derived)
+    except ChildBlocked as exc:
+        problem, acted = exc, obs
+        derived = derive(replace(obs, blocked=(exc.reason, str(exc))))
+    except CreateRefused as exc:
+        problem, acted = exc, obs
+        derived = derive(replace(obs, create_error=refused(exc)))
+    # A terminal verdict stands: what acting on it does (stopping a Job) must not be read back as progress;
+    # nor a retry's, whose replacement Job comes once the failed one is gone.
+    if acted is not obs and derived.phase not in c.TERMINAL and not derived.retry:
         obs, derived = acted, derive(acted)
-    patch = status_patch(obs.previous, derived)
+    patch = status_patch(previous, derived)
     if patch is not None:
-        kube.patch_run_status(meta["namespace"], meta["name"], patch)
-        if (obs.previous.get("phase"), obs.previous.get("reason")) != derived.summary:
-            warning = derived.phase == c.FAILED or derived.reason in (c.REASON_UNSCHEDULABLE, c.REASON_IMAGE_PULL)
-            kopf.event(
+        kube.patch_run_status(run.namespace, run.name, patch)
+        memory.status = dict(derived.status)
+        body["status"] = merge_patch(body.get("status") or {}, patch)  # the cache the resync and metrics read
+        if (previous.get("phase"), previous.get("reason")) != derived.summary:
+            warning = derived.phase == c.FAILED or derived.reason in c.WARNING_REASONS
+            post_event(
                 body,
                 type="Warning" if warning else "Normal",
                 reason=derived.reason or derived.phase,
                 message=f"{derived.phase}: {derived.message}"[:1000],
             )
+    if derived.phase in c.TERMINAL:
+        expire(kube, run.namespace, obs)
+    if problem is not None:
+        raise problem
     return derived
+
+
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386, as the API server applies the status patch: null removes a field."""
+    out = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_patch(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------- operator state
@@ -210,7 +332,10 @@ class Runs:
 def _reconcile_locked(memo: kopf.Memo, body: dict[str, Any], trigger: str) -> Derived:
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     with memo.runs.lock(key):
-        return memo.metrics.observe(trigger, lambda: reconcile(memo.kube, memo.settings, body, memo.runs.memory[key]))
+        return memo.metrics.observe(
+            trigger,
+            lambda: reconcile(memo.kube, memo.settings, body, memo.runs.memory[key], memo.post_event),
+        )
 
 
 async def _resync_forever(memo: kopf.Memo) -> None:
@@ -224,6 +349,8 @@ async def _resync_forever(memo: kopf.Memo) -> None:
                 continue  # no handler has run yet, so nothing was created to follow
             try:
                 await asyncio.to_thread(context.copy().run, _reconcile_locked, memo, body, "resync")
+            except (ChildBlocked, CreateRefused) as exc:  # the status says so; a blocked run is retried
+                log.warning("resync of %s/%s: %s", *key, exc)
             except Exception:  # one run's failure must not stop the loop; it is retried next round
                 log.exception("resync of %s/%s failed", *key)
 
@@ -246,6 +373,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.execution.max_workers = 16  # handlers wait on the API, not the CPU
     settings.networking.request_timeout = 60
     memo.kube = Kube(kubernetes.client.ApiClient(client_configuration()))
+    memo.post_event = kopf.event
     memo.settings = settings_from_env()
     memo.runs = Runs()
     memo.resync_seconds = float(os.environ.get("KUBETUNE_RESYNC_SECONDS", "30"))
@@ -300,11 +428,16 @@ def on_run(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, retry: i
     raw = dict(body)
     memo.runs.bodies[(namespace, name)] = raw
     memo.runs.handler_context = contextvars.copy_context()
+    delay = min(2**retry, 60)
     try:
         _reconcile_locked(memo, raw, "run")
+    except ChildBlocked as exc:
+        raise kopf.TemporaryError(str(exc), delay=delay) from exc
+    except CreateRefused as exc:
+        raise kopf.PermanentError(refused(exc)) from exc
     except Exception as exc:
         if is_transient(exc):
-            raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=min(2**retry, 60)) from exc
+            raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=delay) from exc
         raise
 
 
@@ -327,5 +460,7 @@ def on_job(namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta, memo
         return  # the last pass saw this very version of the Job (resourceVersions are only compared for equality)
     try:
         _reconcile_locked(memo, owner, "job")
+    except (ChildBlocked, CreateRefused) as exc:  # the status says so; on_run and the resync retry
+        log.warning("reconcile of %s/%s after a Job event: %s", *run, exc)
     except Exception:  # the next event or the resync reconciles again
         log.exception("reconcile of %s/%s after a Job event failed", *run)

@@ -8,6 +8,7 @@ operator makes on the API emulator, and the Helm chart's RBAC against both.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -33,12 +34,57 @@ CALLS: tuple[tuple[str, str, str], ...] = (
     ("create", "rbac.authorization.k8s.io", "roles"),
     ("create", "rbac.authorization.k8s.io", "rolebindings"),
     ("create", "batch", "jobs"),
+    # A create that meets an existing object (409) reads it: is it this run's, or a deleted run's?
+    ("get", "", "persistentvolumeclaims"),
+    ("get", "", "configmaps"),
+    ("get", "", "serviceaccounts"),
+    ("get", "rbac.authorization.k8s.io", "roles"),
+    ("get", "rbac.authorization.k8s.io", "rolebindings"),
+    ("get", "batch", "jobs"),
     ("list", "batch", "jobs"),
     ("watch", "batch", "jobs"),
-    ("patch", "batch", "jobs"),
+    ("patch", "batch", "jobs"),  # suspend, and the run's mutable fields
+    ("delete", "batch", "jobs"),  # a Kueue run's suspension, a retry
     ("list", "", "pods"),
     ("create", "", "events"),  # kopf posts core v1 Events
 )
+
+# Held without being called. RBAC lets no one grant what they do not hold: the operator grants each run's
+# trainer get/patch on the run's status. And with the OwnerReferencesPermissionEnforcement admission plugin,
+# setting blockOwnerDeletion on a child needs update on the owner's finalizers.
+HELD: tuple[tuple[str, str, str], ...] = (
+    ("get", api.GROUP, f"{api.PLURAL}/status"),
+    ("update", api.GROUP, f"{api.PLURAL}/finalizers"),
+)
+
+
+class CreateRefused(Exception):
+    """The API server refused a child for good (400, 403, 404, 422): retrying the same request cannot help."""
+
+    def __init__(self, kind: str, name: str, status: int, message: str) -> None:
+        super().__init__(f"{kind} {name}: {status} {message}")
+        self.kind, self.name, self.status, self.server_message = kind, name, status, message
+
+
+class ChildBlocked(Exception):
+    """A child cannot be created yet: its name is held by another owner's object (a deleted run's, still
+    being garbage-collected) or a ResourceQuota is full. Transient: retried."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def server_message(exc: ApiException) -> str:
+    """The message of the Status the API server answered with."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason or "")
+    except ValueError:
+        return str(exc.body or exc.reason or "")
+
+
+def _quota(exc: ApiException) -> bool:
+    return exc.status == 403 and "exceeded quota" in server_message(exc)
 
 
 class Kube:
@@ -55,7 +101,12 @@ class Kube:
         return self.client.sanitize_for_serialization(obj)
 
     def create(self, manifest: dict[str, Any]) -> bool:
-        """Create a child; False if it exists already (creating is idempotent)."""
+        """Create a child; False if this run's own one exists already (creating is idempotent).
+
+        Raises ChildBlocked when the name is held by an object of another owner (a deleted run of the same
+        name whose children are still being garbage-collected), or by one being deleted; CreateRefused
+        when the server refuses the object itself."""
+        kind, meta = manifest["kind"], manifest["metadata"]
         creators: dict[str, Callable[..., Any]] = {
             "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
             "ConfigMap": self.core.create_namespaced_config_map,
@@ -65,44 +116,93 @@ class Kube:
             "Job": self.batch.create_namespaced_job,
         }
         try:
-            creators[manifest["kind"]](namespace=manifest["metadata"]["namespace"], body=manifest)
+            creators[kind](namespace=meta["namespace"], body=manifest)
         except ApiException as exc:
             if exc.status == 409:
+                self._check_existing(manifest)
                 return False
+            if _quota(exc):
+                raise ChildBlocked(
+                    c.REASON_QUOTA, f"Cannot create {kind} {meta['name']} yet: {server_message(exc)}."
+                ) from exc
+            if exc.status in (400, 403, 404, 422):
+                raise CreateRefused(kind, meta["name"], exc.status, server_message(exc)) from exc
             raise
-        log.info("Created %s %s", manifest["kind"], manifest["metadata"]["name"])
+        log.info("Created %s %s", kind, meta["name"])
         return True
 
-    def children(self, namespace: str, run: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-        """The run's Jobs by name, and their pods."""
+    def _check_existing(self, manifest: dict[str, Any]) -> None:
+        """A 409: fine if the object is this run's; ChildBlocked if another owner holds the name."""
+        meta = manifest["metadata"]
+        owner = next((r["uid"] for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+        if owner is None:
+            return  # not owned (the volume that outlives runs): whoever made it, it is the one to use
+        readers: dict[str, Callable[..., Any]] = {
+            "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "ServiceAccount": self.core.read_namespaced_service_account,
+            "Role": self.rbac.read_namespaced_role,
+            "RoleBinding": self.rbac.read_namespaced_role_binding,
+            "Job": self.batch.read_namespaced_job,
+        }
+        try:
+            found = self._dict(readers[manifest["kind"]](meta["name"], meta["namespace"]))
+        except ApiException as exc:
+            if exc.status == 404:  # gone between the create and the read: the next pass creates it
+                raise ChildBlocked(c.REASON_BLOCKED, f"{manifest['kind']} {meta['name']} was just deleted.") from exc
+            raise
+        theirs = next(
+            (r.get("uid") for r in found["metadata"].get("ownerReferences") or [] if r.get("controller")), None
+        )
+        if theirs != owner or found["metadata"].get("deletionTimestamp"):
+            raise ChildBlocked(
+                c.REASON_BLOCKED,
+                f"{manifest['kind']} {meta['name']} still exists from an earlier TrainingRun of this name (or is "
+                "being deleted); waiting for Kubernetes to remove it before creating this run's own.",
+            )
+
+    def children(self, namespace: str, run: str, uid: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        """The run's Jobs by name, and their pods. Jobs another owner controls (those of a deleted run of the
+        same name, not yet garbage-collected) or being deleted are not the run's."""
         selector = f"{c.LABEL_RUN}={run}"
-        jobs = self.batch.list_namespaced_job(namespace, label_selector=selector).items
+        found = [self._dict(j) for j in self.batch.list_namespaced_job(namespace, label_selector=selector).items]
+        jobs = {
+            j["metadata"]["name"]: j
+            for j in found
+            if not j["metadata"].get("deletionTimestamp")
+            and any(r.get("uid") == uid and r.get("controller") for r in j["metadata"].get("ownerReferences") or [])
+        }
         if not jobs:
             return {}, []  # no Job, no pods: spare the second request (new runs are most of a burst)
         pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
-        return {j.metadata.name: self._dict(j) for j in jobs}, [self._dict(p) for p in pods]
+        return jobs, [self._dict(p) for p in pods]
+
+    def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.batch.patch_namespaced_job(name, namespace, body=patch, _content_type=MERGE_PATCH)
 
     def set_job_suspended(self, namespace: str, name: str, suspend: bool) -> None:
-        self.batch.patch_namespaced_job(name, namespace, body={"spec": {"suspend": suspend}}, _content_type=MERGE_PATCH)
+        self.patch_job(namespace, name, {"spec": {"suspend": suspend}})
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and, in the background, its pods (they get SIGTERM: the trainer checkpoints)."""
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        log.info("Deleted Job %s", name)
 
     def patch_run_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(
             api.GROUP, api.VERSION, namespace, api.PLURAL, name, body={"status": status}, _content_type=MERGE_PATCH
         )
 
-    def list_runs(self, namespace: str | None) -> list[dict[str, Any]]:
-        if namespace:
-            found = self.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL)
-        else:
-            found = self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL)
-        return list(found.get("items", []))
-
 
 def is_transient(exc: BaseException) -> bool:
-    """API failures worth retrying: throttling, server errors, conflicts, and no connection at all."""
+    """API failures worth retrying: throttling, server errors, a full quota, and no connection at all. Not
+    client-side errors (the kubernetes client's own validation) nor other 4xx: retrying cannot fix them."""
+    if isinstance(exc, ChildBlocked):
+        return True
     if isinstance(exc, ApiException):
-        return exc.status in (409, 429) or (exc.status or 0) >= 500
-    return (
-        isinstance(exc, (OSError, kubernetes.client.exceptions.OpenApiException))
-        or "MaxRetryError" in type(exc).__name__
-    )
+        return exc.status == 429 or (exc.status or 0) >= 500 or _quota(exc)
+    return isinstance(exc, OSError) or "MaxRetryError" in type(exc).__name__

@@ -27,24 +27,41 @@ LABELS = ["namespace", "run"]
 PROGRESS_GAUGES: dict[str, tuple[str, str]] = {
     "kubetune_run_step": ("Optimizer steps done.", "step"),
     "kubetune_run_total_steps": ("Optimizer steps of the whole run.", "totalSteps"),
-    "kubetune_run_train_loss": ("Latest logged training loss.", "trainLoss"),
+    "kubetune_run_train_loss": ("Latest logged training loss (absent when not finite).", "trainLoss"),
     "kubetune_run_eval_loss": ("Latest validation loss.", "evalLoss"),
-    "kubetune_run_tokens_per_second": ("Non-padding tokens trained per second.", "tokensPerSecond"),
+    "kubetune_run_learning_rate": ("Current learning rate.", "learningRate"),
+    "kubetune_run_grad_norm": ("Latest logged gradient norm.", "gradNorm"),
+    # A gauge, not a counter rebuilt from the status: a run resumed from an older checkpoint counts its
+    # tokens back, which rate() would read as a counter reset and a spike.
+    "kubetune_run_tokens_per_second": ("Non-padding tokens trained per second, recent steps.", "tokensPerSecond"),
     "kubetune_run_eta_seconds": ("Estimated seconds left.", "etaSeconds"),
+    "kubetune_run_gpu_memory_peak_bytes": ("Peak GPU memory allocated by the trainer.", "gpuMemoryPeakBytes"),
 }
-RUN_METRICS = (
-    "kubetune_run_phase",
-    "kubetune_run_progress_ratio",
-    *PROGRESS_GAUGES,
-    "kubetune_run_restarts_total",
-    "kubetune_run_last_progress_timestamp_seconds",
-)
+# name -> help, for the series every run has.
+RUN_SERIES: dict[str, str] = {
+    "kubetune_run_progress_ratio": "Share of the run's steps done, 0 to 1.",
+    "kubetune_run_restarts_total": "Times the run's trainer was restarted (preemption, eviction, crash).",
+    "kubetune_run_non_finite_steps_total": (
+        "Optimizer steps the run's current trainer skipped for a non-finite loss or gradients "
+        "(status.progress.nonFiniteSteps; back to 0 when a new trainer starts)."
+    ),
+    "kubetune_run_last_progress_timestamp_seconds": (
+        "Unix time of the trainer's last progress report, or of the run's (re)entry into Running when later: "
+        "the stall alert's clock."
+    ),
+    "kubetune_run_phase_transition_timestamp_seconds": (
+        "Unix time the run entered its current phase (the last change of its conditions; its creation before "
+        "any). Pending and Initializing share one clock until the data is prepared."
+    ),
+}
+COUNTERS = frozenset({"kubetune_run_restarts_total", "kubetune_run_non_finite_steps_total"})
+RUN_METRICS = ("kubetune_run_phase", *PROGRESS_GAUGES, *RUN_SERIES)
 OPERATOR_METRICS = ("kubetune_operator_reconciles_total", "kubetune_operator_reconcile_duration_seconds")
 
 
 def timestamp(text: str | None) -> float | None:
     """RFC 3339 (as Kubernetes and the trainer write it) to Unix seconds."""
-    if not text:
+    if not text or not isinstance(text, str):
         return None
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
@@ -56,26 +73,48 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _latest(*moments: float | None) -> float | None:
+    known = [m for m in moments if m is not None]
+    return max(known) if known else None
+
+
 def run_samples(body: dict[str, Any]) -> dict[str, Any]:
     """What one run contributes: {metric: value} plus "phase". Pure, so tests need no registry."""
     status = body.get("status") or {}
     progress = status.get("progress") or {}
+    conditions = [cond for cond in status.get("conditions") or [] if isinstance(cond, dict)]
     phase = status.get("phase") or c.PENDING
     out: dict[str, Any] = {"phase": phase}
     for name, (_, key) in PROGRESS_GAUGES.items():
         if (value := _number(progress.get(key))) is not None:
             out[name] = value
     step, total = _number(progress.get("step")), _number(progress.get("totalSteps"))
-    if step is not None and total:
+    if phase == c.SUCCEEDED:
+        out["kubetune_run_progress_ratio"] = 1.0  # early stopping ends short of totalSteps, and is done
+    elif step is not None and total:
         out["kubetune_run_progress_ratio"] = step / total
-    elif phase == c.SUCCEEDED:
-        out["kubetune_run_progress_ratio"] = 1.0
     out["kubetune_run_restarts_total"] = _number(status.get("restarts")) or 0.0
-    # The last sign of life: the trainer's last progress record, else the run's start (a run that hangs
-    # before its first step stalls too).
-    last = timestamp(progress.get("lastUpdateTime")) or timestamp(status.get("startTime"))
+    # 0 until the trainer counts: the series exists from the run's creation, so increase() sees the first rise.
+    out["kubetune_run_non_finite_steps_total"] = _number(progress.get("nonFiniteSteps")) or 0.0
+    # The last sign of life: the trainer's last progress record, or the moment the run (re)entered Running
+    # (after Suspended, Queued or a restart the old record is no news of a stall), or its start (a run that
+    # hangs before its first step stalls too).
+    running = next((cond for cond in conditions if cond.get("type") == "Running"), {})
+    last = _latest(
+        timestamp(progress.get("lastUpdateTime")),
+        timestamp(running.get("lastTransitionTime")) if running.get("status") == "True" else None,
+        timestamp(status.get("startTime")),
+    )
     if last is not None:
         out["kubetune_run_last_progress_timestamp_seconds"] = last
+    # Every phase change flips one condition (Initialized, Running, Suspended, Succeeded, Failed) and a
+    # condition's lastTransitionTime moves only when its status does; persisted in the status, this clock
+    # survives operator restarts and scrape gaps, which reset a rule's `for:`.
+    since = _latest(*(timestamp(cond.get("lastTransitionTime")) for cond in conditions)) or timestamp(
+        (body.get("metadata") or {}).get("creationTimestamp")
+    )
+    if since is not None:
+        out["kubetune_run_phase_transition_timestamp_seconds"] = since
     return out
 
 
@@ -89,26 +128,12 @@ class RunCollector(Collector):
         phase = GaugeMetricFamily(
             "kubetune_run_phase", "1 for the run's current phase, 0 for the others.", labels=[*LABELS, "phase"]
         )
-        ratio = GaugeMetricFamily(
-            "kubetune_run_progress_ratio", "Share of the run's steps done, 0 to 1.", labels=LABELS
-        )
-        gauges = {name: GaugeMetricFamily(name, doc, labels=LABELS) for name, (doc, _) in PROGRESS_GAUGES.items()}
-        restarts = CounterMetricFamily(
-            "kubetune_run_restarts",
-            "Times the run's trainer was restarted (preemption, eviction, crash).",
-            labels=LABELS,
-        )
-        last = GaugeMetricFamily(
-            "kubetune_run_last_progress_timestamp_seconds",
-            "Unix time of the trainer's last progress report (the run's start before the first).",
-            labels=LABELS,
-        )
-        families = {
-            "kubetune_run_progress_ratio": ratio,
-            "kubetune_run_restarts_total": restarts,
-            "kubetune_run_last_progress_timestamp_seconds": last,
-            **gauges,
+        families: dict[str, Metric] = {
+            name: GaugeMetricFamily(name, doc, labels=LABELS) for name, (doc, _) in PROGRESS_GAUGES.items()
         }
+        for name, doc in RUN_SERIES.items():
+            family = CounterMetricFamily if name in COUNTERS else GaugeMetricFamily
+            families[name] = family(name, doc, labels=LABELS)
         for body in self.bodies():
             meta = body.get("metadata") or {}
             labels = [meta.get("namespace", ""), meta.get("name", "")]

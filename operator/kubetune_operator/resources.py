@@ -3,7 +3,8 @@
 Names are fixed (`<run>-<component>`), so building twice gives the same objects and
 creating one that exists is a no-op. Every child but the volume is owned by the run
 and goes when it goes; the volume holds the adapter and stays unless
-spec.storage.deleteWithRun.
+spec.storage.deleteWithRun. `job_patch` says how an existing Job must change when the
+run's mutable fields do.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from kubetune_operator import api
 from kubetune_operator import constants as c
+from kubetune_operator.status import JobView
 
 
 @dataclass(frozen=True)
@@ -263,11 +265,7 @@ def prepare_job(run: RunRef, spec: api.TrainingRunSpec, settings: OperatorSettin
         "spec": {
             "backoffLimit": settings.prepare_backoff_limit,
             "podFailurePolicy": _pod_failure_policy(),
-            **(
-                {"ttlSecondsAfterFinished": spec.ttl_seconds_after_finished}
-                if spec.ttl_seconds_after_finished is not None
-                else {}
-            ),
+            # No ttlSecondsAfterFinished: the operator sets it once the run has ended (job_patch).
             "template": _pod_template(run, spec, settings, c.PREPARE, args, resources, scheduling),
         },
     }
@@ -286,15 +284,37 @@ def train_job(run: RunRef, spec: api.TrainingRunSpec, settings: OperatorSettings
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.max_restarts,
         "podFailurePolicy": _pod_failure_policy(),
-        # Kueue admits a queued Job by unsuspending it.
+        # Kueue admits a queued Job by unsuspending it. (A suspended run gets no training Job at all.)
         "suspend": spec.suspend or bool(spec.queue_name),
         "template": _pod_template(run, spec, settings, c.TRAIN, args, resources, _scheduling(spec)),
     }
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    if spec.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    # No ttlSecondsAfterFinished yet: a Job deleted before the operator saw how it ended would lose the
+    # outcome (and a deleted prepare Job looked like a run still to prepare). job_patch adds it at the end.
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def job_patch(job: JobView, spec: api.TrainingRunSpec, component: str, run_ended: bool) -> dict[str, Any] | None:
+    """The merge patch that brings an existing Job's mutable fields to the spec, or None.
+
+    Of the fields a TrainingRun may change, a Job may change backoffLimit, activeDeadlineSeconds and
+    ttlSecondsAfterFinished (the API server keeps template, podFailurePolicy and completions fixed).
+    The limits matter only while the Job runs; the TTL is set once the run has ended.
+    """
+    want: dict[str, Any] = {}
+    if component == c.TRAIN and not job.finished:
+        want["backoffLimit"] = spec.max_restarts
+        want["activeDeadlineSeconds"] = spec.active_deadline_seconds  # None removes it
+    if run_ended:
+        want["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    have = {
+        "backoffLimit": job.backoff_limit,
+        "activeDeadlineSeconds": job.active_deadline_seconds,
+        "ttlSecondsAfterFinished": job.ttl_seconds_after_finished,
+    }
+    changed = {k: v for k, v in want.items() if have[k] != v}
+    return {"spec": changed} if changed else None
 
 
 def base_children(run: RunRef, spec: api.TrainingRunSpec, settings: OperatorSettings) -> list[dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 `derive` answers the questions users of other operators cannot get answered without
 reading pods: is it waiting (and for what), running, restarting, suspended, done, or
-failed, and if failed, why and what to change. Terminal phases are sticky. A
+failed, and if failed, why and what to change. Succeeded and Failed are absorbing: the
+one way out is a retry (`retry_due`), when the limit a run failed on was raised. A
 condition's lastTransitionTime changes only when its status does.
 """
 
@@ -26,6 +27,18 @@ def _parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
+def _rfc3339(value: str | None) -> str | None:
+    """A time as Kubernetes writes it (2026-11-22T12:00:00Z); the client's models give +00:00."""
+    moment = _parse_time(value)
+    return _iso(moment) if moment is not None else None
+
+
+def controller_uid(obj: dict[str, Any]) -> str | None:
+    """The uid of the object's controller (its ownerReference with controller: true)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((r.get("uid") for r in refs if r.get("controller")), None)
+
+
 @dataclass(frozen=True)
 class PodView:
     name: str
@@ -38,6 +51,7 @@ class PodView:
     terminated_reason: str | None = None  # Completed, Error, OOMKilled, ...
     message: str | None = None  # the termination message: the trainer's error, or the log's tail
     disrupted: bool = False  # evicted, preempted, drained: not the trainer's failure
+    owner_uid: str | None = None  # uid of the Job that controls it
 
     @classmethod
     def from_dict(cls, pod: dict[str, Any]) -> PodView:
@@ -67,6 +81,7 @@ class PodView:
             terminated_reason=terminated.get("reason"),
             message=terminated.get("message"),
             disrupted=conditions.get("DisruptionTarget", {}).get("status") == "True",
+            owner_uid=controller_uid(pod),
         )
 
 
@@ -81,22 +96,38 @@ class JobView:
     start_time: str | None = None
     completion_time: str | None = None
     pods: tuple[PodView, ...] = ()
+    uid: str | None = None
+    kueue: bool = False  # carries Kueue's queue-name label: Kueue decides when it runs
+    # The spec fields a running Job may change (the API server keeps the rest of a Job's spec fixed).
+    backoff_limit: int | None = None
+    active_deadline_seconds: int | None = None
+    ttl_seconds_after_finished: int | None = None
 
     @classmethod
     def from_dict(cls, job: dict[str, Any], pods: list[dict[str, Any]]) -> JobView:
         status = job.get("status") or {}
+        spec = job.get("spec") or {}
         views = sorted((PodView.from_dict(p) for p in pods), key=lambda p: (p.created or "", p.name))
         return cls(
             name=job["metadata"]["name"],
-            suspended=bool((job.get("spec") or {}).get("suspend")),
+            suspended=bool(spec.get("suspend")),
             active=status.get("active", 0),
             succeeded=status.get("succeeded", 0),
             failed=status.get("failed", 0),
             conditions={cond["type"]: cond for cond in status.get("conditions") or [] if cond.get("status") == "True"},
-            start_time=status.get("startTime"),
-            completion_time=status.get("completionTime"),
+            start_time=_rfc3339(status.get("startTime")),
+            completion_time=_rfc3339(status.get("completionTime")),
             pods=tuple(views),
+            uid=job["metadata"].get("uid"),
+            kueue=c.LABEL_KUEUE_QUEUE in (job["metadata"].get("labels") or {}),
+            backoff_limit=spec.get("backoffLimit"),
+            active_deadline_seconds=spec.get("activeDeadlineSeconds"),
+            ttl_seconds_after_finished=spec.get("ttlSecondsAfterFinished"),
         )
+
+    @property
+    def finished(self) -> bool:
+        return self.complete or self.failed_condition is not None
 
     @property
     def complete(self) -> bool:
@@ -133,6 +164,8 @@ class Observation:
     now: datetime
     volume: str | None = None
     restarts: int = 0  # training pods that ended, and were replaced, while the run was not suspended
+    create_error: str | None = None  # the API server refused to create a child (a 4xx): the run cannot go on
+    blocked: tuple[str, str] | None = None  # (reason, message): a child cannot be created yet (transient)
 
 
 @dataclass(frozen=True)
@@ -142,10 +175,25 @@ class Derived:
     message: str
     status: dict[str, Any]  # the operator's status fields, ready for one merge patch
     stop_jobs: bool = False  # the Jobs must not go on (a failure they cannot see, e.g. an image that never pulls)
+    retry: bool = False  # replace the failed training Job: the limit it failed on was raised
 
     @property
     def summary(self) -> tuple[str, str]:
         return self.phase, self.reason
+
+
+def prepared(obs: Observation) -> bool:
+    """The prepare Job succeeded, now or earlier: once it has, the run never prepares again, even when
+    the Job is gone (ttlSecondsAfterFinished, a user's delete)."""
+    if obs.prepare is not None and obs.prepare.complete:
+        return True
+    before = {cond.get("type"): cond.get("status") for cond in obs.previous.get("conditions") or []}
+    return before.get("Initialized") == "True" or bool(obs.previous.get("jobName"))
+
+
+def started(obs: Observation) -> bool:
+    """Anything of the run exists or existed: its Jobs, or a status that says it was prepared."""
+    return obs.prepare is not None or obs.train is not None or prepared(obs)
 
 
 # --------------------------------------------------------------------------- messages
@@ -168,14 +216,21 @@ def _last_failure(job: JobView) -> PodView | None:
     return failures[-1] if failures else None
 
 
+def _while_kept(spec: api.TrainingRunSpec) -> str:
+    """The retry needs the failed Job (it holds the limits it failed on): say how long it is kept."""
+    ttl = spec.ttl_seconds_after_finished
+    return "" if ttl is None else f" within ttlSecondsAfterFinished={ttl}s, while the failed Job is kept"
+
+
 def failure(job: JobView, spec: api.TrainingRunSpec, component: str) -> tuple[str, str]:
     """Why a failed Job failed, as (reason, message that says what to change)."""
     condition = job.failed_condition or {}
     where = f"the {component} pod"
     if condition.get("reason") == "DeadlineExceeded":
         return c.REASON_DEADLINE, (
-            f"Training ran past spec.activeDeadlineSeconds={spec.active_deadline_seconds} and was stopped; its "
-            "checkpoints are kept. Raise activeDeadlineSeconds (it can be changed on a run) or shorten the run."
+            f"Training ran past spec.activeDeadlineSeconds={job.active_deadline_seconds} and was stopped; its "
+            "checkpoints are kept. To go on, raise or remove spec.activeDeadlineSeconds"
+            f"{_while_kept(spec)}: the run retries from its newest checkpoint."
         )
     pod = _last_failure(job)
     if pod is not None and pod.exit_code in c.FAILJOB_EXIT_CODES:
@@ -190,17 +245,50 @@ def failure(job: JobView, spec: api.TrainingRunSpec, component: str) -> tuple[st
         )
         return c.REASON_OOM, (
             f"{where.capitalize()} was killed for using more memory than spec.resources.{setting}={limit} allows. "
-            "Raise it, or lower training.batchSize or dataset.maxSeqLength."
+            "Raise it, or lower training.batchSize or dataset.maxSeqLength, in a new TrainingRun (resources and "
+            "training are fixed once a run exists)."
         )
     attempts = len([p for p in job.failed_pods if not p.disrupted])
     last = ""
     if pod is not None:
         words = trainer_message(pod)
         last = f" The last attempt exited with code {pod.exit_code}" + (f": {words}" if words else ".")
+    if component == c.PREPARE:
+        advice = f"See `kubectl logs job/{job.name}` and fix the cause in a new TrainingRun."
+    else:
+        advice = (
+            f"See `kubectl logs job/{job.name}`; fix the cause, then raise spec.maxRestarts{_while_kept(spec)}: "
+            "the run retries from its newest checkpoint."
+        )
+    limit = job.backoff_limit if job.backoff_limit is not None else spec.max_restarts
     return c.REASON_BACKOFF, (
-        f"{where.capitalize()} failed {attempts} time(s), more than spec.maxRestarts allows.{last} "
-        f"See `kubectl logs job/{job.name}`; fix the cause, then raise spec.maxRestarts to retry."
+        f"{where.capitalize()} failed {attempts} time(s), more than its limit of {limit} restart(s) allows.{last} "
+        f"{advice}"
     ).strip()
+
+
+def retry_due(obs: Observation) -> str | None:
+    """Why a failed run goes again, or None: it failed on a limit (backoffLimit, activeDeadlineSeconds) that
+    the spec has since raised. The failed Job holds the limit it failed on."""
+    spec, train, prev = obs.spec, obs.train, obs.previous
+    if spec is None or train is None or train.failed_condition is None or prev.get("phase") != c.FAILED:
+        return None
+    why = train.failed_condition.get("reason")
+    raised = spec.max_restarts > (train.backoff_limit or 0)
+    if prev.get("reason") == c.REASON_BACKOFF and why == "BackoffLimitExceeded" and raised:
+        return (
+            f"spec.maxRestarts was raised from {train.backoff_limit} to {spec.max_restarts}: replacing the "
+            "training Job; it resumes from the newest checkpoint."
+        )
+    if prev.get("reason") == c.REASON_DEADLINE and why == "DeadlineExceeded":
+        new = spec.active_deadline_seconds
+        if new is None or new > (train.active_deadline_seconds or 0):
+            change = "removed" if new is None else f"raised from {train.active_deadline_seconds}s to {new}s"
+            return (
+                f"spec.activeDeadlineSeconds was {change}: replacing the training Job; it resumes from the newest "
+                "checkpoint."
+            )
+    return None
 
 
 def _image_pull(pod: PodView, now: datetime) -> tuple[bool, str] | None:
@@ -234,10 +322,44 @@ class Verdict(NamedTuple):
     reason: str
     message: str
     stop_jobs: bool = False  # the Jobs must not go on: a failure they cannot see, e.g. an image that never pulls
+    retry: bool = False  # replace the failed training Job (see retry_due)
+
+
+def _references(spec: api.TrainingRunSpec | None) -> list[tuple[str, str, str, str]]:
+    """(field, kind, name, key) of every Secret and ConfigMap key the trainer's environment reads."""
+    if spec is None:
+        return []
+    out = []
+    if spec.hf_token_secret is not None:
+        out.append(("spec.hfTokenSecret", "Secret", spec.hf_token_secret.name, spec.hf_token_secret.key))
+    for i, var in enumerate(spec.env):
+        source = var.value_from
+        if source is None:
+            continue
+        ref, kind = (
+            (source.secret_key_ref, "Secret") if source.secret_key_ref else (source.config_map_key_ref, "ConfigMap")
+        )
+        assert ref is not None
+        out.append((f"spec.env[{i}] ({var.name})", kind, ref.name, ref.key))
+    return out
+
+
+def _container_config(pod: PodView, obs: Observation, component: str) -> str:
+    """A container the kubelet cannot create: most often a Secret or ConfigMap key it needs is missing."""
+    said = pod.waiting_message or pod.waiting_reason or ""
+    refs = _references(obs.spec)
+    named = [r for r in refs if f'"{r[2]}"' in said or f"/{r[2]}" in said] or refs
+    if not named:
+        return f"The {component} pod cannot start: {said}."
+    wanted = "; ".join(f"{field}: {kind} {name}, key {key}" for field, kind, name, key in named)
+    return (
+        f"The {component} pod cannot start: {said}. Create what it names in the run's namespace, or fix the "
+        f"reference ({wanted}); the pod starts once it exists."
+    )
 
 
 def _pending(pod: PodView, obs: Observation, component: str, waiting_phase: str) -> Verdict | None:
-    """The verdict on a pod not yet running: an image that does not pull, or no node for it."""
+    """The verdict on a pod not yet running: an image that does not pull, a missing Secret, or no node."""
     if (pulled := _image_pull(pod, obs.now)) is not None:
         given_up, message = pulled
         return (
@@ -245,37 +367,65 @@ def _pending(pod: PodView, obs: Observation, component: str, waiting_phase: str)
             if given_up
             else Verdict(waiting_phase, c.REASON_IMAGE_PULL, message)
         )
+    if pod.waiting_reason in c.CONTAINER_CONFIG_REASONS:
+        return Verdict(waiting_phase, c.REASON_CONTAINER_CONFIG, _container_config(pod, obs, component))
     if pod.unschedulable:
         return Verdict(waiting_phase, c.REASON_UNSCHEDULABLE, _scheduling(pod, component))
     return None
 
 
 def _phase(obs: Observation) -> Verdict:
-    if obs.invalid is not None:
-        return Verdict(c.FAILED, c.REASON_INVALID_SPEC, obs.invalid)
-    spec = obs.spec
-    assert spec is not None
     prev = obs.previous
-    if prev.get("phase") in c.TERMINAL and prev.get("observedGeneration") == obs.generation:
+    if prev.get("phase") in c.TERMINAL:
+        if (why := retry_due(obs)) is not None:
+            return Verdict(c.QUEUED, c.REASON_RETRYING, why, retry=True)
+        # Absorbing: a spec change (generation) or Jobs gone by their TTL change nothing.
         return Verdict(
             prev["phase"], prev.get("reason", ""), prev.get("message", ""), prev.get("reason") == c.REASON_IMAGE_PULL
         )
+    if obs.create_error is not None:
+        return Verdict(c.FAILED, c.REASON_CREATE_FAILED, obs.create_error)
+    if obs.invalid is not None:
+        if started(obs):
+            return Verdict(
+                c.SUSPENDED,
+                c.REASON_INVALID_SPEC,
+                f"{obs.invalid} The run is stopped (its Jobs suspended, its checkpoints kept). This can be undone: "
+                "restore a valid spec and it resumes from its newest checkpoint.",
+                stop_jobs=True,
+            )
+        return Verdict(
+            c.FAILED, c.REASON_INVALID_SPEC, f"{obs.invalid} Fix it in a new TrainingRun (the spec is fixed)."
+        )
+    spec = obs.spec
+    assert spec is not None
+    if obs.blocked is not None:
+        return Verdict(c.QUEUED if prepared(obs) else c.PENDING, *obs.blocked)
 
     prepare = obs.prepare
-    if prepare is None:
-        return Verdict(c.PENDING, "Creating", "Creating the run's volume, config and prepare Job.")
-    if prepare.failed_condition is not None:
-        return Verdict(c.FAILED, *failure(prepare, spec, c.PREPARE))
-    if not prepare.complete:
+    if not prepared(obs):
+        if prepare is None:
+            return Verdict(c.PENDING, "Creating", "Creating the run's volume, config and prepare Job.")
+        if prepare.failed_condition is not None:
+            return Verdict(c.FAILED, *failure(prepare, spec, c.PREPARE))
         for pod in prepare.pending_pods:
             if (verdict := _pending(pod, obs, c.PREPARE, c.INITIALIZING)) is not None:
                 return verdict
         return Verdict(c.INITIALIZING, "Preparing", "Fetching the model and checking and tokenizing the data.")
 
     train = obs.train
+    trained_before = bool(prev.get("jobName"))
     if train is None:
         if spec.suspend:
+            if trained_before:
+                return Verdict(
+                    c.SUSPENDED, "Suspended", "Suspended with its checkpoint saved; set spec.suspend: false to resume."
+                )
             return Verdict(c.SUSPENDED, "Suspended", "Suspended before training started; set spec.suspend: false.")
+        if prev.get("reason") == c.REASON_RETRYING:
+            return Verdict(c.QUEUED, c.REASON_RETRYING, prev.get("message", ""))
+        if trained_before:
+            return Verdict(c.QUEUED, "Starting", "Creating the training Job; it resumes from the newest checkpoint.")
         return Verdict(c.INITIALIZING, "Prepared", "Data and model are ready; creating the training Job.")
     if train.failed_condition is not None:
         return Verdict(c.FAILED, *failure(train, spec, c.TRAIN))
@@ -289,7 +439,7 @@ def _phase(obs: Observation) -> Verdict:
         if train.running_pods:
             return Verdict(c.SUSPENDED, "Suspending", "The trainer is saving a checkpoint before it stops.")
         return Verdict(c.SUSPENDED, "Suspended", "Suspended with its checkpoint saved; set spec.suspend: false.")
-    if train.suspended and spec.queue_name:
+    if train.suspended and (train.kueue or spec.queue_name):
         return Verdict(
             c.QUEUED, c.REASON_KUEUE, f"Waiting for Kueue to admit the training Job in queue {spec.queue_name}."
         )
@@ -319,23 +469,36 @@ class PodLedger:
     """The training pods of one run the operator has seen, and how each ended.
 
     Pods vanish fast (an evicted pod is deleted within seconds), so restarts cannot be counted
-    from a single look; and a pod stopped because the run was suspended is not a restart.
+    from a single look. A restart is a pod that ended and was replaced: the Job runs one pod at
+    a time, so a new live pod replaced those that ended before it. A pod stopped because the
+    run was suspended is not a restart, and neither is a final failure that no pod replaces.
     """
 
     alive: set[str] = field(default_factory=set)
+    unreplaced: set[str] = field(default_factory=set)  # ended; no pod has replaced it yet
     restarted: set[str] = field(default_factory=set)
     excused: set[str] = field(default_factory=set)
 
     def look(self, train: JobView | None, suspended: bool) -> int:
         """Record one observation; return the restarts so far."""
-        if train is None:
+        if train is None:  # the Job is gone (deleted for a Kueue suspension, or to retry): its pods ended
+            (self.excused if suspended else self.unreplaced).update(self.alive - self.restarted - self.excused)
+            self.alive = set()
             return len(self.restarted)
         current = {p.name for p in train.pods}
         ended = (self.alive - current) | {p.name for p in train.failed_pods}
-        ended -= self.restarted | self.excused
+        ended -= self.restarted | self.excused | self.unreplaced
         if not train.complete:
-            (self.excused if suspended else self.restarted).update(ended)
-        self.alive = {p.name for p in train.pods if p.phase in ("Pending", "Running")}
+            (self.excused if suspended else self.unreplaced).update(ended)
+        alive = {p.name for p in train.pods if p.phase in ("Pending", "Running")}
+        if alive - self.alive:  # a new pod: it replaces those that ended
+            self.restarted |= self.unreplaced
+            self.unreplaced = set()
+        elif train.failed_condition is not None and train.pods:  # the Job gave up after its newest pod
+            final = {train.pods[-1].name}
+            self.restarted |= self.unreplaced - final
+            self.unreplaced &= final
+        self.alive = alive
         return len(self.restarted)
 
 
@@ -344,25 +507,44 @@ def output_path(spec: api.TrainingRunSpec) -> str:
     return str(out if out.is_absolute() else PurePosixPath(c.WORKSPACE) / out)
 
 
-CONDITION_TYPES = ("Initialized", "Running", "Suspended", "Succeeded", "Failed")
+CONDITION_TYPES = ("Initialized", "Admitted", "Running", "Suspended", "Succeeded", "Failed")
+
+
+def _queued(obs: Observation) -> bool:
+    """A Kueue run: its conditions include Admitted."""
+    if obs.spec is not None:
+        return bool(obs.spec.queue_name)
+    return any(cond.get("type") == "Admitted" for cond in obs.previous.get("conditions") or [])
 
 
 def _conditions(obs: Observation, phase: str, reason: str, message: str, now: str) -> list[dict[str, Any]]:
-    initialized = obs.prepare is not None and obs.prepare.complete
+    previous = {cond.get("type"): cond for cond in obs.previous.get("conditions") or []}
+    if phase in c.TERMINAL and "Admitted" in previous:
+        admitted = previous["Admitted"].get("status") == "True"  # the Job may be gone (TTL); what was, stays
+    else:
+        admitted = obs.train is not None and not obs.train.suspended
     truth = {
-        "Initialized": initialized or (phase == c.SUCCEEDED),
+        "Initialized": prepared(obs),
+        "Admitted": admitted,
         "Running": phase == c.RUNNING,
         "Suspended": phase == c.SUSPENDED,
         "Succeeded": phase == c.SUCCEEDED,
         "Failed": phase == c.FAILED,
     }
-    previous = {cond.get("type"): cond for cond in obs.previous.get("conditions") or []}
     out = []
     for kind in CONDITION_TYPES:
+        if kind == "Admitted" and not _queued(obs):
+            continue
         status = "True" if truth[kind] else "False"
         before = previous.get(kind)
         if kind == "Initialized":
             cond_reason, cond_message = ("Prepared", "Model and data are ready.") if truth[kind] else (reason, message)
+        elif kind == "Admitted":
+            cond_reason, cond_message = (
+                (c.REASON_ADMITTED, "Kueue admitted the training Job.")
+                if truth[kind]
+                else (c.REASON_KUEUE, "The training Job waits for Kueue, or does not exist now.")
+            )
         else:
             cond_reason, cond_message = (reason, message) if truth[kind] else ("", "")
         changed = before is None or before.get("status") != status
@@ -379,10 +561,27 @@ def _conditions(obs: Observation, phase: str, reason: str, message: str, now: st
     return out
 
 
+def _completion_time(obs: Observation, phase: str, now: str) -> str | None:
+    """When the run ended: the Job's own time (a run observed late still gets the right one)."""
+    if phase not in c.TERMINAL:
+        return None  # a retry takes the run out of its terminal phase: it has not ended
+    if obs.previous.get("phase") in c.TERMINAL and obs.previous.get("completionTime"):
+        return obs.previous["completionTime"]
+    for job in (obs.train, obs.prepare):
+        if job is None:
+            continue
+        if phase == c.SUCCEEDED and job.complete:
+            return job.completion_time or _rfc3339(job.conditions["Complete"].get("lastTransitionTime")) or now
+        if phase == c.FAILED and job.failed_condition is not None:
+            return _rfc3339(job.failed_condition.get("lastTransitionTime")) or now
+    return now
+
+
 def derive(obs: Observation) -> Derived:
-    phase, reason, message, stop_jobs = _phase(obs)
+    phase, reason, message, stop_jobs, retry = _phase(obs)
     now = _iso(obs.now)
     prev = obs.previous
+    train_started = obs.train.start_time if obs.train is not None else None
     status: dict[str, Any] = {
         "phase": phase,
         "reason": reason,
@@ -391,9 +590,13 @@ def derive(obs: Observation) -> Derived:
         "observedGeneration": obs.generation,
         "restarts": max(int(prev.get("restarts") or 0), obs.restarts),
         "jobName": obs.train.name if obs.train is not None else prev.get("jobName"),
-        "startTime": prev.get("startTime") or (now if phase == c.RUNNING else None),
-        "completionTime": prev.get("completionTime") or (now if phase in c.TERMINAL else None),
+        # The first training Job's start; Kubernetes moves a Job's startTime when it resumes.
+        "startTime": prev.get("startTime") or train_started or (now if phase == c.RUNNING else None),
+        "completionTime": _completion_time(obs, phase, now),
+        "output": (
+            {"volume": obs.volume, "path": output_path(obs.spec)}
+            if obs.spec is not None and obs.volume
+            else prev.get("output")
+        ),
     }
-    if obs.spec is not None and obs.volume:
-        status["output"] = {"volume": obs.volume, "path": output_path(obs.spec)}
-    return Derived(phase, reason, message, {k: v for k, v in status.items() if v is not None}, stop_jobs)
+    return Derived(phase, reason, message, {k: v for k, v in status.items() if v is not None}, stop_jobs, retry)

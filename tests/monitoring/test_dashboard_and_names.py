@@ -1,16 +1,19 @@
-"""Every metric the dashboard and the alerts query is one the code exports; the dashboard loads."""
+"""Every metric the dashboard and the alerts query is one the code exports; the dashboard loads, and its
+queries (run by promtool on synthetic series) fall back to the operator's series and show one line per run."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+from pathlib import Path
 
+import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_operator.metrics import OperatorMetrics
-from kubetune_trainer.report import Progress
-from kubetune_trainer.sinks import PrometheusSink
+from kubetune_trainer.sinks import Progress, PrometheusSink
 from tests.helm import CHART, MONITORING_ON, rendered
 from tests.operator.conftest import free_port
 
@@ -21,9 +24,30 @@ NOT_METRICS = {"le", "by", "on", "or", "and", "unless", "without", "bool"}
 
 def exported_names() -> set[str]:
     """Sample names the trainer's and the operator's endpoints really serve, everything set."""
-    sink = PrometheusSink(free_port(), {"run": "r", "namespace": "ml"})
+    sink = PrometheusSink(free_port())
     try:
-        sink.progress(Progress(5, 10, 0.5, 50.0, 5.0, "5s", 2.0, 2.1, 1e-3, 0.4, 900.0, 8.0, 1 << 30, "x"), None)
+        sink.progress(
+            Progress(
+                step=5,
+                total_steps=10,
+                epoch=0.5,
+                percent=50.0,
+                eta_seconds=5.0,
+                eta="5s",
+                train_loss=2.0,
+                eval_loss=2.1,
+                learning_rate=1e-3,
+                grad_norm=0.4,
+                tokens_per_second=900.0,
+                samples_per_second=8.0,
+                tokens_seen=4500,
+                samples_seen=40,
+                gpu_memory_peak_bytes=1 << 30,
+                non_finite_steps=0,
+                last_update_time="x",
+            ),
+            None,
+        )
         trainer = generate_latest(sink.registry).decode()
     finally:
         sink.close()
@@ -33,13 +57,18 @@ def exported_names() -> set[str]:
             "phase": "Running",
             "restarts": 1,
             "startTime": "2026-11-22T10:00:00Z",
+            "conditions": [{"type": "Running", "status": "True", "lastTransitionTime": "2026-11-22T10:00:00Z"}],
             "progress": {
                 "step": 5,
                 "totalSteps": 10,
                 "trainLoss": 2.0,
                 "evalLoss": 2.1,
+                "learningRate": 1e-3,
+                "gradNorm": 0.4,
                 "tokensPerSecond": 900.0,
                 "etaSeconds": 5.0,
+                "gpuMemoryPeakBytes": 1 << 30,
+                "nonFiniteSteps": 0,
                 "lastUpdateTime": "2026-11-22T10:01:00Z",
             },
         },
@@ -70,6 +99,16 @@ def dashboard_exprs() -> list[str]:
     return exprs
 
 
+def panel_queries() -> dict[str, str]:
+    """Panel title -> its query as Grafana sends it with every namespace and run selected."""
+    dash = json.loads(DASHBOARD.read_text())
+    return {p["title"]: concrete(p["targets"][0]["expr"]) for p in dash["panels"] if p.get("targets")}
+
+
+def concrete(expr: str) -> str:
+    return expr.replace("$namespace", ".*").replace("$run", ".*").replace("$__rate_interval", "1m")
+
+
 def rule_exprs() -> list[str]:
     spec = rendered("PrometheusRule", MONITORING_ON)["spec"]
     return [r["expr"] for g in spec["groups"] for r in g["rules"]]
@@ -87,22 +126,74 @@ def test_every_queried_metric_is_exported():
 def test_every_run_metric_is_on_the_dashboard():
     shown = {n for e in dashboard_exprs() for n in queried_names(e)}
     exported = {n for n in exported_names() if n.startswith(("kubetune_run_", "kubetune_trainer_"))}
-    # Shown elsewhere: the trainer's step/ETA/progress duplicate the run's, which the dashboard uses.
-    duplicates = {
-        "kubetune_trainer_step",
+    # Not plotted: totals (in Progress already), epochs, samples (tokens say it), and the stall clock
+    # (the alert's business).
+    unplotted = {
         "kubetune_trainer_total_steps",
         "kubetune_trainer_epoch",
-        "kubetune_trainer_progress_ratio",
-        "kubetune_trainer_eta_seconds",
-        "kubetune_trainer_samples_per_second",
+        "kubetune_trainer_samples_total",
         "kubetune_trainer_last_progress_timestamp_seconds",
         "kubetune_run_total_steps",
-        "kubetune_run_train_loss",
-        "kubetune_run_eval_loss",
-        "kubetune_run_tokens_per_second",
         "kubetune_run_last_progress_timestamp_seconds",
     }
-    assert exported - duplicates <= shown, sorted(exported - duplicates - shown)
+    assert exported - unplotted <= shown, sorted(exported - unplotted - shown)
+
+
+def test_gauges_of_now_are_instant_queries():
+    dash = json.loads(DASHBOARD.read_text())
+    for panel in dash["panels"]:
+        if panel["type"] == "bargauge":
+            assert all(t.get("instant") is True for t in panel["targets"]), panel["title"]
+
+
+def test_panels_show_one_line_per_run_and_fall_back_to_the_run_status(promtool, tmp_path: Path):
+    """Run "a" has trainer series from two pods (a restart) and operator series; run "b" only operator
+    series (no PodMonitor, or its trainer is gone)."""
+    queries = panel_queries()
+    trainer = 'namespace="ml", run="a", job="ml/trainers"'
+    operator = 'job="kubetune-operator", instance="10.0.0.9:8080", pod="kubetune-abc"'
+    series = {
+        f'kubetune_trainer_train_loss{{{trainer}, pod="a-train-1"}}': "3.0x5",
+        f'kubetune_trainer_train_loss{{{trainer}, pod="a-train-2"}}': "2.0x5",
+        f'kubetune_run_train_loss{{namespace="ml", run="a", {operator}}}': "2.6x5",
+        f'kubetune_run_train_loss{{namespace="ml", run="b", {operator}}}': "4.0x5",
+        # 600 tokens a minute from the trainer; the run's status says 9.
+        f'kubetune_trainer_tokens_total{{{trainer}, pod="a-train-2"}}': "1000+600x5",
+        f'kubetune_run_tokens_per_second{{namespace="ml", run="a", {operator}}}': "9x5",
+        f'kubetune_run_tokens_per_second{{namespace="ml", run="b", {operator}}}': "7x5",
+        # b entered Queued at t=60s; promtool's clock is at 240s.
+        f'kubetune_run_phase_transition_timestamp_seconds{{namespace="ml", run="b", {operator}}}': "60x5",
+        f'kubetune_run_phase{{namespace="ml", run="b", phase="Queued", {operator}}}': "1x5",
+        f'kubetune_run_phase{{namespace="ml", run="b", phase="Running", {operator}}}': "0x5",
+    }
+    run_a, run_b = '{namespace="ml", run="a"}', '{namespace="ml", run="b"}'
+    cases = [
+        (queries["Training loss"], [(run_a, 3.0), (run_b, 4.0)]),  # the trainer's value, one line for two pods
+        (queries["Tokens per second"], [(run_a, 10.0), (run_b, 7.0)]),
+        (queries["Time in current phase"], [('{namespace="ml", run="b", phase="Queued"}', 180.0)]),
+    ]
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": name, "values": values} for name, values in series.items()],
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "4m",
+                        "exp_samples": [{"labels": labels, "value": value} for labels, value in expected],
+                    }
+                    for expr, expected in cases
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "dashboard_test.yaml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_dashboard_is_valid_json_with_the_datasource_as_a_variable():

@@ -6,8 +6,9 @@ resourceVersion, generation and creationTimestamp; the status subresource kept a
 from the rest of the object; label and field selectors; merge and JSON patches (with the
 `test` op kopf uses for optimistic concurrency); finalizers and deletionTimestamp; and
 garbage collection of dependents by ownerReferences; and the Table answers `kubectl get`
-asks for, built from the CRD's printer columns. It does not enforce schemas or
-admission: that is what the CRD and operator tests are for.
+asks for, built from the CRD's printer columns; and a log of every request (who made it,
+what it sent, how it was answered) for tests that count calls. It does not enforce schemas
+or admission: that is what the CRD and operator tests are for.
 
 The server runs on an event loop in a background thread. Tests reach the store through
 the thread-safe `call()`; the job runner runs its coroutines on the same loop.
@@ -28,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from aiohttp import web
 
@@ -257,6 +258,17 @@ def field_matches(obj: dict[str, Any], text: str | None) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Request:
+    """One request as the server answered it, for tests that count what a client did."""
+
+    user: str  # the bearer token
+    method: str
+    path: str
+    status: int
+    body: Any = None  # the JSON sent with a POST or PATCH
+
+
 @dataclass
 class Watcher:
     resource: Resource
@@ -289,7 +301,8 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self.subscribers: list[Callable[[str, Resource, dict[str, Any]], None]] = []
-        self.faults: list[list[Any]] = []  # [method, path regex, status, times left]
+        self.faults: list[list[Any]] = []  # [method, path regex, status, times left, message]
+        self.log: list[Request] = []  # every request, in order
         # token -> {(verb, API group, resource[/subresource])}: what each client really called, for RBAC tests
         self.calls: defaultdict[str, set[tuple[str, str, str]]] = defaultdict(set)
 
@@ -574,22 +587,51 @@ class ApiServer:
         r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$"
     )
 
-    def fail(self, method: str, path: str, status: int = 500, times: int = 1) -> None:
+    def fail(
+        self, method: str, path: str, status: int = 500, times: int = 1, message: str = "injected by the test"
+    ) -> None:
         """Answer the next `times` requests matching method and path (a regex) with an error."""
-        self.faults.append([method, re.compile(path), status, times])
+        self.faults.append([method, re.compile(path), status, times, message])
+
+    _REASONS: ClassVar[dict[int, str]] = {
+        400: "BadRequest",
+        403: "Forbidden",
+        404: "NotFound",
+        409: "Conflict",
+        422: "Invalid",
+    }
 
     def _fault(self, request: web.Request) -> ApiError | None:
         for fault in self.faults:
-            method, path, status, left = fault
+            method, path, status, left, message = fault
             if left > 0 and request.method == method and path.search(request.path):
                 fault[3] -= 1
-                return ApiError(status, "InternalError", "injected by the test")
+                return ApiError(status, self._REASONS.get(status, "InternalError"), message)
         return None
 
+    def made(self, user: str, method: str, pattern: str, status: int | None = None) -> list[Request]:
+        """The requests `user` made with `method` on paths matching `pattern`, answered with `status`."""
+        regex = re.compile(pattern)
+        return [
+            r
+            for r in list(self.log)
+            if r.user == user and r.method == method and regex.search(r.path) and status in (None, r.status)
+        ]
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        user = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        body = None
+        if request.method in ("POST", "PATCH") and request.can_read_body:
+            with contextlib.suppress(ValueError):
+                body = await request.json()
+        response = await self._answer(request, user)
+        self.log.append(Request(user, request.method, request.path, response.status, body))
+        return response
+
+    async def _answer(self, request: web.Request, user: str) -> web.StreamResponse:
         self.requests[f"{request.method} {self._classify(request.path)}"] += 1
         if (call := self._verb(request)) is not None:
-            self.calls[request.headers.get("Authorization", "").removeprefix("Bearer ")].add(call)
+            self.calls[user].add(call)
         if (injected := self._fault(request)) is not None:
             return injected.response()
         try:

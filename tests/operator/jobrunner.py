@@ -9,7 +9,13 @@ directory. Paths under a mount in the command, working directory and environment
 translated to those directories. It writes pod and Job status as the process runs and
 exits: phases, exit codes, termination messages (FallbackToLogsOnError included),
 OOMKilled and DisruptionTarget, and the Job's podFailurePolicy, backoffLimit,
-activeDeadlineSeconds and suspend semantics.
+activeDeadlineSeconds, ttlSecondsAfterFinished and suspend semantics. A container whose
+environment names a missing Secret or ConfigMap key waits in CreateContainerConfigError,
+as the kubelet's does, until it exists.
+
+It also plays Kueue for the queues a test opens (`open_queue`): a Job with the
+kueue.x-k8s.io/queue-name label of an open queue is admitted, and Kueue unsuspends any
+suspended Job whose workload is admitted, also one someone suspended again.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class JobRunner:
     # Uppercase is not allowed in image references: the kubelet reports InvalidImageName at once.
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every container
     instant: bool = False  # pods succeed at once without running anything (for scale benchmarks)
+    open_queues: set[str] = field(default_factory=set)  # Kueue LocalQueues that admit every workload
     processes: dict[str, Process] = field(default_factory=dict)  # pod uid -> process
     _jobs: dict[str, asyncio.Task] = field(default_factory=dict)
     _pods: dict[str, asyncio.Task] = field(default_factory=dict)
@@ -108,6 +115,16 @@ class JobRunner:
         def change() -> None:
             self.capacity[resource] = amount
             for uid in list(self._pods):
+                self._poke(uid)
+
+        self.server.call(change)
+
+    def open_queue(self, name: str) -> None:
+        """Kueue admits the workloads of this queue from now on."""
+
+        def change() -> None:
+            self.open_queues.add(name)
+            for uid in list(self._jobs):
                 self._poke(uid)
 
         self.server.call(change)
@@ -176,15 +193,17 @@ class JobRunner:
             if job is None:
                 return
             status = job.get("status") or {}
-            finished = _condition(status, "Complete") or _condition(status, "Failed")
-            if finished and not self._active(job, pods) and job["spec"].get("ttlSecondsAfterFinished") is not None:
-                await asyncio.sleep(job["spec"]["ttlSecondsAfterFinished"])
-                with contextlib.suppress(ApiError):
-                    self.server.delete(jobs, ns, name)
-                return
-            deadline = job["spec"].get("activeDeadlineSeconds")
             wait = None
-            if deadline and status.get("startTime") and not job["spec"].get("suspend"):
+            ttl = job["spec"].get("ttlSecondsAfterFinished")
+            if (ended := _finished_at(status)) is not None and ttl is not None and not self._active(job, pods):
+                # The TTL controller: counted from the Job's end, whenever the TTL was set.
+                wait = ttl - (datetime.now(timezone.utc) - ended).total_seconds()
+                if wait <= 0:
+                    with contextlib.suppress(ApiError):
+                        self.server.delete(jobs, ns, name)
+                    return
+            deadline = job["spec"].get("activeDeadlineSeconds")
+            if ended is None and deadline and status.get("startTime") and not job["spec"].get("suspend"):
                 started = datetime.fromisoformat(status["startTime"].replace("Z", "+00:00"))
                 wait = max(0.05, deadline - (datetime.now(timezone.utc) - started).total_seconds())
             with contextlib.suppress(asyncio.TimeoutError):
@@ -197,7 +216,20 @@ class JobRunner:
             if p.get("status", {}).get("phase") not in ("Succeeded", "Failed")
         ]
 
+    def _kueue(self, job: dict[str, Any], jobs: Any) -> dict[str, Any]:
+        """Kueue: an admitted workload's Job runs; a suspended one is unsuspended, whoever suspended it."""
+        queue = (job["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name")
+        status = job.get("status") or {}
+        finished = _condition(status, "Complete") or _condition(status, "Failed")
+        if queue in self.open_queues and job["spec"].get("suspend") and not finished:
+            meta = job["metadata"]
+            return self.server.update(
+                jobs, meta["namespace"], meta["name"], lambda o: merge_patch(o, {"spec": {"suspend": False}})
+            )
+        return job
+
     def _step(self, job: dict[str, Any], jobs: Any, pods: Any) -> None:
+        job = self._kueue(job, jobs)
         ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
         spec, status = job["spec"], dict(job.get("status") or {})
         finished = _condition(status, "Complete") or _condition(status, "Failed")
@@ -384,6 +416,24 @@ class JobRunner:
             self.server.remove(pods, ns, name)
             return
 
+        # The container's environment: a missing Secret or ConfigMap key keeps it from being created.
+        while (missing := self._missing_reference(pod)) is not None:
+            status(
+                {
+                    "containerStatuses": [
+                        _container_status(
+                            container, {"waiting": {"reason": "CreateContainerConfigError", "message": missing}}
+                        )
+                    ]
+                }
+            )
+            self._wake[uid].clear()
+            with contextlib.suppress(asyncio.TimeoutError):  # the kubelet retries on its own
+                await asyncio.wait_for(self._wake[uid].wait(), 0.5)
+            if deleting():
+                self.server.remove(pods, ns, name)
+                return
+
         if self.instant:
             done = {"terminated": {"exitCode": 0, "reason": "Completed", "message": "", "finishedAt": now_iso()}}
             status(
@@ -514,6 +564,25 @@ class JobRunner:
             )
         return Process(f"{ns}/{meta['name']}", proc, log, termination)
 
+    def _missing_reference(self, pod: dict[str, Any]) -> str | None:
+        """The kubelet's message for the first env reference that does not resolve, or None."""
+        ns = pod["metadata"]["namespace"]
+        for var in pod["spec"]["containers"][0].get("env") or []:
+            source = var.get("valueFrom") or {}
+            for kind, plural, title in (
+                ("secretKeyRef", "secrets", "Secret"),
+                ("configMapKeyRef", "configmaps", "ConfigMap"),
+            ):
+                if kind not in source or source[kind].get("optional"):
+                    continue
+                ref = source[kind]
+                found = self.server.objects[("", plural)].get((ns, ref["name"]))
+                if found is None:
+                    return f'{title.lower()} "{ref["name"]}" not found'
+                if ref["key"] not in {**(found.get("data") or {}), **(found.get("stringData") or {})}:
+                    return f"couldn't find key {ref['key']} in {title} {ns}/{ref['name']}"
+        return None
+
     def _env_value(self, var: dict[str, Any], pod: dict[str, Any]) -> str:
         if "value" in var:
             return var["value"]
@@ -583,6 +652,14 @@ def _policy_action(policy: dict[str, Any] | None, pod: dict[str, Any]) -> tuple[
             if (wanted["type"], wanted.get("status", "True")) in conditions:
                 return rule["action"], index
     return "Count", None
+
+
+def _finished_at(status: dict[str, Any]) -> datetime | None:
+    """When a Job completed or failed, or None while it has not."""
+    for cond in status.get("conditions") or []:
+        if cond["type"] in ("Complete", "Failed") and cond.get("status") == "True":
+            return datetime.fromisoformat(cond["lastTransitionTime"].replace("Z", "+00:00"))
+    return None
 
 
 def _condition(status: dict[str, Any], kind: str) -> bool:

@@ -166,6 +166,15 @@ AGREEMENT = [
     ({"env": [{"name": "A", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}, False),
     ({"env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}, True),
     ({"env": [{"name": "A", "valueFrom": {}}]}, False),
+    # Tolerations the API server would refuse on the pods (a 422 on the Job): refused on the run instead.
+    ({"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]}, True),
+    ({"tolerations": [{"operator": "Exists"}]}, True),
+    ({"tolerations": [{"key": "gpu", "value": "a100"}]}, True),
+    ({"tolerations": [{"operator": "Equal", "value": "a100"}]}, False),
+    ({"tolerations": [{"value": "a100"}]}, False),
+    ({"tolerations": [{"key": "gpu", "operator": "Exists", "value": "a100"}]}, False),
+    ({"tolerations": [{"key": "gpu", "effect": "NoExecute", "tolerationSeconds": 30}]}, True),
+    ({"tolerations": [{"key": "gpu", "effect": "NoSchedule", "tolerationSeconds": 30}]}, False),
 ]
 
 
@@ -191,7 +200,30 @@ def _default_loosely(spec: dict[str, Any]) -> dict[str, Any]:
             out[section] = {**out[section], **value}
         else:
             out[section] = value
-    return out
+    return schema_defaults(out, SPEC_SCHEMA)
+
+
+def schema_defaults(obj: Any, schema: dict[str, Any]) -> Any:
+    """The schema's defaults filled in, as the API server does before it runs the rules."""
+    if isinstance(obj, dict) and "properties" in schema:
+        filled = {k: copy.deepcopy(v["default"]) for k, v in schema["properties"].items() if "default" in v}
+        filled.update(obj)
+        return {k: schema_defaults(v, schema["properties"].get(k, {})) for k, v in filled.items()}
+    if isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        return [schema_defaults(v, schema["items"]) for v in obj]
+    return obj
+
+
+def test_every_default_passes_the_rules_of_its_own_schema():
+    """The API server refuses a CRD whose default fails its schema's CEL rules (defaults are validated
+    like objects, their nested defaults filled in first)."""
+    defaults = [(path, node) for path, node in walk(SPEC_SCHEMA, "spec") if "default" in node]
+    assert len(defaults) > 50
+    for path, node in defaults:
+        value = schema_defaults(copy.deepcopy(node["default"]), node)
+        for where, rule, obj in rules_at(value, node, path):
+            if "oldSelf" not in rule:
+                assert cel(rule, obj), f"the default of {where} fails its rule {rule}"
 
 
 def changed_value(value: Any) -> Any:
@@ -212,17 +244,73 @@ def test_the_name_must_leave_room_for_the_children_suffixes():
     assert not cel(rule["rule"], {"metadata": {"name": "r" * 53}})
 
 
+def transition_rules(old: dict[str, Any], new: dict[str, Any]) -> Iterator[tuple[tuple[str, str], bool]]:
+    """((path, rule), verdict) of every rule with oldSelf where the API server runs one: the field exists
+    before and after."""
+    olds = {path: obj for path, rule, obj in rules_at(old, SPEC_SCHEMA) if "oldSelf" in rule}
+    for path, rule, obj in rules_at(new, SPEC_SCHEMA):
+        if "oldSelf" in rule and path in olds:
+            yield (path, rule), cel(rule, obj, old=olds[path])
+
+
 def test_spec_is_fixed_once_created_except_the_lifecycle_fields():
     old = defaulted(VALID)
-    for path, rule, obj in rules_at(old, SPEC_SCHEMA):
-        if "oldSelf" in rule:
-            field = path.split(".")[1]
-            assert field not in api.MUTABLE_FIELDS
-            assert cel(rule, obj, old=obj)
-            assert not cel(rule, changed_value(obj), old=obj), f"{path} may change"
-    fixed = {p.split(".")[1] for p, r, _ in rules_at(old, SPEC_SCHEMA) if "oldSelf" in r}
-    assert {"model", "dataset", "lora", "training", "resources", "storage"} <= fixed
-    assert not fixed & set(api.MUTABLE_FIELDS)
+    fields = [p.split(".")[1] for p, r, _ in rules_at(old, SPEC_SCHEMA) if "oldSelf" in r and p != "spec"]
+    for field in fields:
+        assert field not in api.MUTABLE_FIELDS
+        new = {**old, field: changed_value(old[field])}
+        verdicts = dict(transition_rules(old, new))
+        assert all(dict(transition_rules(old, old)).values())
+        assert not all(verdicts.values()), f"spec.{field} may change"
+    assert {"model", "dataset", "lora", "training", "resources", "storage"} <= set(fields)
+    assert not set(fields) & set(api.MUTABLE_FIELDS)
+
+
+# Optional fields without a default: absent unless set, so a rule on the field itself never sees them added
+# or removed. The spec's own rules must.
+OPTIONAL = {
+    "image": "registry.local/trainer:2",
+    "imagePullPolicy": "Always",
+    "affinity": {"nodeAffinity": {}},
+    "priorityClassName": "high",
+    "hfTokenSecret": {"name": "hf", "key": "token"},
+    "queueName": "team-a",
+}
+
+
+def test_optional_fields_cannot_be_added_or_removed_after_creation():
+    absent = defaulted(VALID)
+    unset = {f for f, schema in SPEC_SCHEMA["properties"].items() if f not in absent}
+    assert unset - set(api.MUTABLE_FIELDS) == set(OPTIONAL), "every optional fixed field is covered here"
+    for field, value in OPTIONAL.items():
+        present = defaulted({**VALID, field: value})
+        assert field in present
+        for old, new, change in ((absent, present, "added"), (present, absent, "removed")):
+            assert not all(dict(transition_rules(old, new)).values()), f"spec.{field} may be {change}"
+    # The lifecycle fields may come and go.
+    for field, value in (("activeDeadlineSeconds", 60), ("ttlSecondsAfterFinished", 0)):
+        present = defaulted({**VALID, field: value})
+        assert all(dict(transition_rules(absent, present)).values()), field
+        assert all(dict(transition_rules(present, absent)).values()), field
+
+
+def test_lists_and_strings_under_rules_are_bounded():
+    """The API server estimates each CEL rule's cost from the bounds of what it reads; unbounded lists of
+    unbounded strings can push a CRD past the limit. The Kubernetes fields here carry bounds."""
+    props = SPEC_SCHEMA["properties"]
+    assert props["tolerations"]["maxItems"] and props["env"]["maxItems"]
+    assert props["nodeSelector"]["maxProperties"]
+    for field in ("key", "value"):
+        assert props["tolerations"]["items"]["properties"][field]["maxLength"]
+    assert props["env"]["items"]["properties"]["value"]["maxLength"]
+
+
+def test_status_conditions_are_a_map_keyed_by_type():
+    status = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    conditions = status["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert "type" in conditions["items"]["required"]
 
 
 @pytest.mark.parametrize("path", sorted(crd.ROOT.joinpath("examples").glob("trainingrun-*.yaml")), ids=lambda p: p.name)

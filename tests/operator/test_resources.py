@@ -10,6 +10,7 @@ import pytest
 from kubetune_operator import api
 from kubetune_operator import constants as c
 from kubetune_operator import resources as r
+from kubetune_operator.status import JobView
 from kubetune_trainer.config import parse_config
 from tests.helm import KUBE_VERSIONS
 
@@ -188,3 +189,65 @@ def test_the_trainer_config_is_the_training_part_of_the_spec():
     assert parse_config(text) == spec.train_config()
     assert "queueName" not in text
     assert "image" not in text
+
+
+def test_no_job_gets_a_ttl_when_it_is_made():
+    """A Job deleted by its TTL before the operator saw how it ended would take the outcome with it; the
+    operator sets the TTL once the run's end is written (job_patch)."""
+    for manifest in build("everything")[1]:
+        if manifest["kind"] == "Job":
+            assert "ttlSecondsAfterFinished" not in manifest["spec"], manifest["metadata"]["name"]
+
+
+def job_view(component: str = c.TRAIN, finished: bool = False, **spec: Any) -> JobView:
+    conditions = [{"type": "Complete", "status": "True"}] if finished else []
+    return JobView.from_dict(
+        {"metadata": {"name": f"my-run-{component}"}, "spec": spec, "status": {"conditions": conditions}}, []
+    )
+
+
+LIVE = {"backoffLimit": 3}
+JOB_PATCHES = [
+    # (spec overrides, Job, component, run ended, expected patch)
+    ({}, job_view(**LIVE), c.TRAIN, False, None),
+    ({"maxRestarts": 5}, job_view(**LIVE), c.TRAIN, False, {"spec": {"backoffLimit": 5}}),
+    ({"activeDeadlineSeconds": 600}, job_view(**LIVE), c.TRAIN, False, {"spec": {"activeDeadlineSeconds": 600}}),
+    ({}, job_view(**LIVE, activeDeadlineSeconds=600), c.TRAIN, False, {"spec": {"activeDeadlineSeconds": None}}),
+    ({"ttlSecondsAfterFinished": 60}, job_view(**LIVE), c.TRAIN, False, None),  # not before the run ends
+    (
+        {"ttlSecondsAfterFinished": 60},
+        job_view(finished=True, **LIVE),
+        c.TRAIN,
+        True,
+        {"spec": {"ttlSecondsAfterFinished": 60}},
+    ),
+    (
+        {"ttlSecondsAfterFinished": 60},
+        job_view(c.PREPARE, finished=True),
+        c.PREPARE,
+        True,
+        {"spec": {"ttlSecondsAfterFinished": 60}},
+    ),
+    (
+        {},
+        job_view(finished=True, ttlSecondsAfterFinished=60, **LIVE),
+        c.TRAIN,
+        True,
+        {"spec": {"ttlSecondsAfterFinished": None}},
+    ),
+    ({"maxRestarts": 9}, job_view(finished=True, **LIVE), c.TRAIN, True, None),  # a finished Job keeps its limits
+    ({"maxRestarts": 9}, job_view(c.PREPARE, backoffLimit=2), c.PREPARE, False, None),  # prepare's are the operator's
+]
+
+
+@pytest.mark.parametrize(("overrides", "job", "component", "ended", "expected"), JOB_PATCHES)
+def test_the_mutable_fields_reach_existing_jobs(overrides, job, component, ended, expected):
+    spec = api.TrainingRunSpec.model_validate({**BASE, **overrides})
+    assert r.job_patch(job, spec, component, run_ended=ended) == expected
+
+
+def test_job_patch_changes_only_what_a_job_may_change():
+    """The API server refuses changes to a Job's template, podFailurePolicy, completions, selector."""
+    spec = api.TrainingRunSpec.model_validate({**BASE, "maxRestarts": 1, "activeDeadlineSeconds": 5})
+    patch = r.job_patch(job_view(), spec, c.TRAIN, run_ended=False)
+    assert set(patch["spec"]) <= {"backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "suspend"}

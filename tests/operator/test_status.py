@@ -28,6 +28,7 @@ def pod(
     reason: str | None = None,
     message: str | None = None,
     waiting: str | None = None,
+    waiting_message: str | None = None,
     unschedulable: str | None = None,
     disrupted: bool = False,
     age: float = 10,
@@ -36,7 +37,7 @@ def pod(
     if exit_code is not None:
         state = {"terminated": {"exitCode": exit_code, "reason": reason or "Error", "message": message}}
     elif waiting:
-        state = {"waiting": {"reason": waiting, "message": f"Back-off pulling image: {waiting}"}}
+        state = {"waiting": {"reason": waiting, "message": waiting_message or f"Back-off pulling image: {waiting}"}}
     conditions = []
     if unschedulable:
         conditions.append(
@@ -56,11 +57,33 @@ def pod(
 
 
 def job(
-    name: str, *pods: dict[str, Any], suspended: bool = False, condition: str | None = None, condition_reason: str = ""
+    name: str,
+    *pods: dict[str, Any],
+    suspended: bool = False,
+    condition: str | None = None,
+    condition_reason: str = "",
+    labels: dict[str, str] | None = None,
+    spec: dict[str, Any] | None = None,
+    status: dict[str, Any] | None = None,
 ) -> JobView:
-    conditions = [{"type": condition, "status": "True", "reason": condition_reason}] if condition else []
+    conditions = (
+        [
+            {
+                "type": condition,
+                "status": "True",
+                "reason": condition_reason,
+                "lastTransitionTime": "2026-11-22T11:30:00Z",
+            }
+        ]
+        if condition
+        else []
+    )
     return JobView.from_dict(
-        {"metadata": {"name": name}, "spec": {"suspend": suspended}, "status": {"conditions": conditions}},
+        {
+            "metadata": {"name": name, "uid": f"{name}-uid", "labels": labels or {}},
+            "spec": {"suspend": suspended, **(spec or {})},
+            "status": {"conditions": conditions, **(status or {})},
+        },
         list(pods),
     )
 
@@ -164,10 +187,10 @@ CASES = {
         "on volume r-workspace in /workspace/output",
     ),
     "invalid spec": (
-        observe(invalid="Invalid spec: spec.lora.r: Input should be greater than or equal to 1"),
+        observe(invalid="Invalid spec: spec.lora.r: Input should be greater than or equal to 1."),
         c.FAILED,
         c.REASON_INVALID_SPEC,
-        "spec.lora.r",
+        "spec.lora.r: Input should be greater than or equal to 1. Fix it in a new TrainingRun",
     ),
     "trainer: invalid config or data (exit 2)": (
         observe(
@@ -278,21 +301,101 @@ CASES = {
                 pod("Failed", exit_code=1, message="x"),
                 condition="Failed",
                 condition_reason="BackoffLimitExceeded",
+                spec={"backoffLimit": 1},
             ),
         ),
         c.FAILED,
         c.REASON_BACKOFF,
-        "failed 2 time(s), more than spec.maxRestarts allows. The last attempt exited with code 1: x",
+        "failed 2 time(s), more than its limit of 1 restart(s) allows. The last attempt exited with code 1: x",
     ),
     "deadline": (
         observe(
             PREPARED,
-            job("r-train", condition="Failed", condition_reason="DeadlineExceeded"),
+            job(
+                "r-train", condition="Failed", condition_reason="DeadlineExceeded", spec={"activeDeadlineSeconds": 3600}
+            ),
             spec=make_spec(activeDeadlineSeconds=3600),
         ),
         c.FAILED,
         c.REASON_DEADLINE,
         "spec.activeDeadlineSeconds=3600",
+    ),
+    "a Secret the pod needs is missing": (
+        observe(
+            PREPARED,
+            job(
+                "r-train",
+                pod("Pending", waiting="CreateContainerConfigError", waiting_message='secret "hf" not found'),
+            ),
+            spec=make_spec(hfTokenSecret={"name": "hf", "key": "token"}),
+        ),
+        c.QUEUED,
+        c.REASON_CONTAINER_CONFIG,
+        'secret "hf" not found. Create what it names in the run\'s namespace, or fix the reference '
+        "(spec.hfTokenSecret: Secret hf, key token)",
+    ),
+    "a ConfigMap key of env is missing": (
+        observe(
+            job(
+                "r-prepare",
+                pod(
+                    "Pending",
+                    waiting="CreateContainerConfigError",
+                    waiting_message="couldn't find key k in ConfigMap ml/cm",
+                ),
+            ),
+            spec=make_spec(
+                hfTokenSecret={"name": "hf", "key": "token"},
+                env=[{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "k"}}}],
+            ),
+        ),
+        c.INITIALIZING,
+        c.REASON_CONTAINER_CONFIG,
+        "(spec.env[0] (X): ConfigMap cm, key k)",
+    ),
+    "prepared earlier, its Job gone (ttlSecondsAfterFinished)": (
+        observe(
+            None, job("r-train", pod("Running")), previous={"conditions": [{"type": "Initialized", "status": "True"}]}
+        ),
+        c.RUNNING,
+        "Training",
+        "Training.",
+    ),
+    "prepared earlier, both Jobs gone": (
+        observe(previous={"phase": c.RUNNING, "jobName": "r-train"}),
+        c.QUEUED,
+        "Starting",
+        "resumes from the newest checkpoint",
+    ),
+    "suspended before training started: no training Job": (
+        observe(PREPARED, spec=make_spec(suspend=True)),
+        c.SUSPENDED,
+        "Suspended",
+        "before training started",
+    ),
+    "a Kueue run's suspension deleted its Job": (
+        observe(PREPARED, spec=make_spec(suspend=True, queueName="q"), previous={"jobName": "r-train"}),
+        c.SUSPENDED,
+        "Suspended",
+        "checkpoint saved; set spec.suspend: false to resume",
+    ),
+    "the API server refused a child": (
+        replace(observe(PREPARED), create_error="The API server refused to create Job r-train (422): bad."),
+        c.FAILED,
+        c.REASON_CREATE_FAILED,
+        "refused to create Job r-train (422)",
+    ),
+    "an old run's child holds a name": (
+        replace(observe(), blocked=(c.REASON_BLOCKED, "ConfigMap r-config still exists from an earlier run")),
+        c.PENDING,
+        c.REASON_BLOCKED,
+        "ConfigMap r-config",
+    ),
+    "the spec turned invalid while training": (
+        observe(PREPARED, job("r-train", pod("Running")), invalid="Invalid spec: spec.maxRestarts: bad."),
+        c.SUSPENDED,
+        c.REASON_INVALID_SPEC,
+        "spec.maxRestarts: bad. The run is stopped (its Jobs suspended, its checkpoints kept). This can be undone",
     ),
 }
 
@@ -312,25 +415,116 @@ def test_an_image_that_never_pulls_stops_the_job():
     assert derive(CASES["image pulling, within grace"][0]).stop_jobs is False
 
 
-def test_terminal_phases_are_sticky():
-    failed = derive(CASES["diverged (exit 4)"][0]).status
-    later = derive(observe(PREPARED, job("r-train", suspended=True), previous=failed))
-    assert (later.phase, later.reason) == (c.FAILED, "Diverged")
+def test_an_image_that_never_pulls_stops_the_job_also_later():
+    failed = derive(CASES["image never pulls"][0]).status
+    later = derive(observe(PREPARED, job("r-train", pod("Pending", waiting="ImagePullBackOff")), previous=failed))
+    assert (later.phase, later.stop_jobs) == (c.FAILED, True)
 
 
-def test_restarts_count_pods_that_ended_unless_the_run_was_suspended():
+def later(obs: Observation, **changes: Any) -> Observation:
+    """The same run one spec change later (generation 2), the status as the first pass wrote it."""
+    return replace(obs, generation=2, previous=derive(obs).status, **changes)
+
+
+@pytest.mark.parametrize(
+    ("case", "changes"),
+    [
+        ("diverged (exit 4)", {"train": job("r-train", suspended=True)}),  # a suspend toggle on a failed run
+        ("diverged (exit 4)", {"spec": make_spec(maxRestarts=10)}),  # a raised limit does not undo divergence
+        ("succeeded", {"prepare": None, "train": None}),  # its Jobs gone (ttlSecondsAfterFinished)
+        ("succeeded", {"spec": make_spec(suspend=True)}),
+        ("backoff limit", {"spec": make_spec(maxRestarts=1)}),  # not raised above the Job's backoffLimit
+        ("deadline", {"spec": make_spec(activeDeadlineSeconds=3000)}),  # lowered
+        ("image never pulls", {"spec": make_spec(maxRestarts=10)}),
+    ],
+)
+def test_succeeded_and_failed_are_absorbing(case, changes):
+    first = derive(CASES[case][0])
+    again = derive(later(CASES[case][0], **changes))
+    assert (again.phase, again.reason, again.message) == (first.phase, first.reason, first.message)
+    assert again.retry is False
+    assert again.status["completionTime"] == first.status["completionTime"]
+    assert again.status["observedGeneration"] == 2
+
+
+@pytest.mark.parametrize(
+    ("case", "spec", "says"),
+    [
+        ("backoff limit", make_spec(maxRestarts=4), "spec.maxRestarts was raised from 1 to 4"),
+        ("deadline", make_spec(activeDeadlineSeconds=7200), "raised from 3600s to 7200s"),
+        ("deadline", make_spec(), "spec.activeDeadlineSeconds was removed"),
+    ],
+)
+def test_a_run_that_failed_on_a_limit_retries_when_the_limit_is_raised(case, spec, says):
+    failed = CASES[case][0]
+    retried = derive(later(failed, spec=spec))
+    assert (retried.phase, retried.reason, retried.retry) == (c.QUEUED, c.REASON_RETRYING, True)
+    assert says in retried.message and "resumes from the newest checkpoint" in retried.message
+    assert "completionTime" not in retried.status, "the run has not ended any more"
+    assert "raise" in derive(failed).message.lower(), "the failure says how to retry"
+    # The failed Job once deleted (by the operator, to replace it): the next pass creates its replacement.
+    gone = derive(replace(failed, train=None, generation=2, previous=retried.status))
+    assert (gone.phase, gone.reason, gone.retry) == (c.QUEUED, c.REASON_RETRYING, False)
+
+
+def test_the_failure_says_the_retry_needs_the_failed_job_when_a_ttl_deletes_it():
+    obs = replace(CASES["backoff limit"][0], spec=make_spec(ttlSecondsAfterFinished=600))
+    assert "within ttlSecondsAfterFinished=600s, while the failed Job is kept" in derive(obs).message
+
+
+def test_a_failed_prepare_says_to_fix_it_in_a_new_run_not_to_raise_max_restarts():
+    failed = job("r-prepare", pod("Failed", exit_code=1), condition="Failed", condition_reason="BackoffLimitExceeded")
+    message = derive(observe(failed)).message
+    assert "in a new TrainingRun" in message and "maxRestarts" not in message
+
+
+def named(name: str, phase: str = "Running", **kwargs: Any) -> dict[str, Any]:
+    made = pod(phase, **kwargs)
+    made["metadata"]["name"] = name
+    return made
+
+
+def test_restarts_count_pods_that_ended_and_were_replaced_unless_the_run_was_suspended():
     ledger = PodLedger()
-    first, second, third = pod("Running", age=30), pod("Running", age=20), pod("Running", age=10)
-    for p, n in ((first, "a"), (second, "b"), (third, "c")):
-        p["metadata"]["name"] = n
-    assert ledger.look(job("r-train", first), suspended=False) == 0
-    assert ledger.look(job("r-train", second), suspended=False) == 1  # "a" vanished (evicted, deleted)
+    assert ledger.look(job("r-train", named("a")), suspended=False) == 0
+    assert ledger.look(job("r-train", named("b")), suspended=False) == 1  # "a" vanished (evicted), "b" replaced it
     assert ledger.look(job("r-train"), suspended=True) == 1  # "b" stopped by the suspension: excused
-    assert ledger.look(job("r-train", third), suspended=False) == 1
-    crashed = pod("Failed", exit_code=1)
-    crashed["metadata"]["name"] = "c"
-    assert ledger.look(job("r-train", crashed), suspended=False) == 2
-    assert ledger.look(job("r-train", crashed), suspended=False) == 2, "each pod counts once"
+    assert ledger.look(job("r-train", named("c")), suspended=False) == 1
+    crashed = named("c", "Failed", exit_code=1)
+    assert ledger.look(job("r-train", crashed), suspended=False) == 1, "not replaced yet"
+    assert ledger.look(job("r-train", crashed, named("d")), suspended=False) == 2
+    assert ledger.look(job("r-train", crashed, named("d")), suspended=False) == 2, "each pod counts once"
+
+
+def test_a_final_failure_is_not_a_restart():
+    """maxRestarts 1: two pods fail, the second is not replaced; restarts is 1, as its description says."""
+    ledger = PodLedger()
+    ledger.look(job("r-train", named("a")), suspended=False)
+    ledger.look(job("r-train", named("a", "Failed", exit_code=1), named("b")), suspended=False)
+    final = job(
+        "r-train",
+        named("a", "Failed", exit_code=1),
+        named("b", "Failed", exit_code=1),
+        condition="Failed",
+        condition_reason="BackoffLimitExceeded",
+    )
+    assert ledger.look(final, suspended=False) == 1
+    # A retry's new Job replaces the final failure: now it was a restart.
+    assert ledger.look(None, suspended=False) == 1
+    assert ledger.look(job("r-train", named("c")), suspended=False) == 2
+
+
+def test_a_kueue_suspension_that_deletes_the_job_is_not_a_restart():
+    ledger = PodLedger()
+    ledger.look(job("r-train", named("a")), suspended=False)
+    assert ledger.look(None, suspended=True) == 0  # the Job was deleted to suspend the run
+    assert ledger.look(job("r-train", named("b")), suspended=False) == 0
+
+
+def test_restarts_after_an_operator_restart_come_from_the_failed_pods_still_there():
+    ledger = PodLedger()
+    seen = job("r-train", named("a", "Failed", exit_code=1), named("b", "Failed", exit_code=1), named("c"))
+    assert ledger.look(seen, suspended=False) == 2
 
 
 def test_restarts_never_go_down():
@@ -339,25 +533,65 @@ def test_restarts_never_go_down():
 
 
 def test_times_and_conditions():
-    running = derive(CASES["running"][0]).status
-    assert running["startTime"] == "2026-11-22T12:00:00Z"
+    started = job("r-train", pod("Running"), status={"startTime": "2026-11-22T11:58:00Z"})
+    running = derive(observe(PREPARED, started)).status
+    assert running["startTime"] == "2026-11-22T11:58:00Z", "the Job's startTime, not when the operator looked"
     conditions = {x["type"]: x for x in running["conditions"]}
     assert conditions["Initialized"]["status"] == "True"
     assert conditions["Running"]["status"] == "True"
     assert conditions["Failed"]["status"] == "False"
+    assert "Admitted" not in conditions, "only runs with a queueName have it"
 
     later_now = NOW + timedelta(minutes=5)
-    obs = CASES["running"][0]
-    again = derive(Observation(**{**obs.__dict__, "now": later_now, "previous": running})).status
-    assert again["startTime"] == running["startTime"]
-    same = {x["type"]: x["lastTransitionTime"] for x in again["conditions"]}
-    assert same == {x["type"]: x["lastTransitionTime"] for x in running["conditions"]}, "unchanged status, same time"
+    again = derive(replace(observe(PREPARED, started), now=later_now, previous=running)).status
+    assert again == running, "nothing changed: the same status, so no patch"
 
-    done = derive(Observation(**{**CASES["succeeded"][0].__dict__, "now": later_now, "previous": again})).status
-    moved = {x["type"]: x["lastTransitionTime"] for x in done["conditions"]}
+    done = job(
+        "r-train",
+        pod("Succeeded", exit_code=0, reason="Completed"),
+        condition="Complete",
+        status={"startTime": "2026-11-22T12:01:00Z", "completionTime": "2026-11-22T12:04:00Z"},
+    )
+    finished = derive(replace(observe(PREPARED, done), now=later_now, previous=again)).status
+    moved = {x["type"]: x["lastTransitionTime"] for x in finished["conditions"]}
     assert moved["Running"] == moved["Succeeded"] == "2026-11-22T12:05:00Z"
-    assert done["completionTime"] == "2026-11-22T12:05:00Z"
-    assert done["output"] == {"volume": "r-workspace", "path": "/workspace/output"}
+    assert finished["completionTime"] == "2026-11-22T12:04:00Z", "the Job's completionTime"
+    assert finished["startTime"] == "2026-11-22T11:58:00Z", "the first start stays (a resumed Job's moves)"
+    assert finished["output"] == {"volume": "r-workspace", "path": "/workspace/output"}
+
+
+def test_a_run_seen_only_once_it_succeeded_still_gets_its_start_and_end():
+    done = job(
+        "r-train",
+        pod("Succeeded", exit_code=0, reason="Completed"),
+        condition="Complete",
+        status={"startTime": "2026-11-22T10:00:00Z", "completionTime": "2026-11-22T11:00:00Z"},
+    )
+    status = derive(observe(PREPARED, done)).status
+    assert (status["startTime"], status["completionTime"]) == ("2026-11-22T10:00:00Z", "2026-11-22T11:00:00Z")
+
+
+def test_a_failed_run_ends_when_its_job_failed():
+    status = derive(CASES["backoff limit"][0]).status
+    assert status["completionTime"] == "2026-11-22T11:30:00Z"
+
+
+def admitted(status: dict[str, Any]) -> tuple[str, str]:
+    cond = next(x for x in status["conditions"] if x["type"] == "Admitted")
+    return cond["status"], cond["reason"]
+
+
+def test_kueue_runs_have_an_admitted_condition():
+    spec = make_spec(queueName="q")
+    labels = {c.LABEL_KUEUE_QUEUE: "q"}
+    waiting = derive(observe(PREPARED, job("r-train", suspended=True, labels=labels), spec=spec)).status
+    assert admitted(waiting) == ("False", c.REASON_KUEUE)
+    running = derive(observe(PREPARED, job("r-train", pod("Running"), labels=labels), spec=spec, previous=waiting))
+    assert admitted(running.status) == ("True", c.REASON_ADMITTED)
+    done = job("r-train", pod("Succeeded", exit_code=0), condition="Complete", labels=labels)
+    finished = derive(observe(PREPARED, done, spec=spec, previous=running.status)).status
+    gone = derive(observe(spec=spec, previous=finished)).status  # its Jobs deleted by their TTL
+    assert admitted(gone) == ("True", c.REASON_ADMITTED), "a finished run keeps what was"
 
 
 def test_pod_view_reads_a_real_pod_status():

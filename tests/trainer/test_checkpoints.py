@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import resource
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +15,8 @@ import torch
 from kubetune_trainer import checkpoints
 from kubetune_trainer.checkpoints import Checkpoint, commit, scan, select_prunable, verify
 from kubetune_trainer.data import EpochSeededSampler
-from kubetune_trainer.guards import StepDecision, checkpoint_due, decide_after_step
-from kubetune_trainer.report import per_sample_loss
+from kubetune_trainer.guards import DivergenceGuard, StepDecision, checkpoint_due, decide_after_step, grace_shortfall
+from kubetune_trainer.report import HighLossSamples, per_sample_loss
 
 
 def stage(root: Path, step: int, payload: bytes = b"weights") -> Path:
@@ -41,11 +45,41 @@ def test_commit_writes_a_manifest_and_renames_into_place(tmp_path):
     assert verify(c.path)[0] == c
 
 
+def edit_manifest(path: Path, **changes) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    for key, value in changes.items():
+        if value is ...:
+            manifest.pop(key)
+        else:
+            manifest[key] = value
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def edit_entry(path: Path, **changes) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["optimizer.pt"].update(changes)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
         (lambda p: (p / "manifest.json").unlink(), "no manifest.json"),
-        (lambda p: (p / "manifest.json").write_text("{not json"), "manifest.json is unreadable"),
+        (lambda p: (p / "manifest.json").write_text("{not json"), "manifest.json is not valid JSON"),
+        (lambda p: (p / "manifest.json").write_text("[]"), "manifest.json is invalid: (top level): Input should be"),
+        # Every field with the wrong type is damage like any other, caught before it is used.
+        (lambda p: edit_manifest(p, files={"x": 1}), "manifest.json is invalid: files.x: Input should be"),
+        (lambda p: edit_manifest(p, files=[]), "manifest.json is invalid: files: Input should be an object"),
+        (lambda p: edit_manifest(p, epoch="x"), "manifest.json is invalid: epoch: Input should be a valid number"),
+        (lambda p: edit_manifest(p, eval_loss="x"), "manifest.json is invalid: eval_loss: Input should be"),
+        (lambda p: edit_manifest(p, step="10"), "manifest.json is invalid: step: Input should be a valid integer"),
+        (lambda p: edit_manifest(p, step=True), "manifest.json is invalid: step: Input should be a valid integer"),
+        (lambda p: edit_manifest(p, step=...), "manifest.json is invalid: step: Field required"),
+        (lambda p: edit_manifest(p, fingerprint=None), "manifest.json is invalid: fingerprint: Input should be"),
+        (lambda p: edit_manifest(p, format=2), "manifest.json is invalid: format: Input should be 1"),
+        (lambda p: edit_entry(p, size="200"), "files.optimizer.pt.size: Input should be a valid integer"),
+        (lambda p: edit_entry(p, sha256="abc"), "files.optimizer.pt.sha256: String should match pattern"),
+        (lambda p: edit_manifest(p, step=11), "manifest.json says step 11, the folder's name says 10"),
         (lambda p: (p / "optimizer.pt").unlink(), "missing file(s): optimizer.pt"),
         (lambda p: (p / "extra.bin").write_bytes(b"?"), "not in the manifest: extra.bin"),
         (
@@ -69,6 +103,20 @@ def test_damaged_checkpoints_are_set_aside_with_the_reason(tmp_path, damage, rea
     assert (aside / "optimizer.pt").exists() or "optimizer.pt" in reason, "set aside, not deleted"
 
 
+def test_a_valid_manifest_reads_back_with_its_types(tmp_path):
+    c = save(tmp_path, 10, eval_loss=1.25)
+    edit_manifest(c.path, epoch=2, added_by_a_newer_writer={"x": 1})  # an integer epoch is a number
+    (back,) = scan(tmp_path)
+    assert (back.step, back.epoch, back.eval_loss) == (10, 2.0, 1.25)
+    assert checkpoints.describe(back) == "checkpoint-10 (step 10, epoch 2.00, eval loss 1.2500)"
+
+
+def test_a_non_finite_eval_loss_is_stored_as_null(tmp_path):
+    c = save(tmp_path, 3, eval_loss=float("nan"))
+    assert json.loads((c.path / "manifest.json").read_text())["eval_loss"] is None  # strict JSON
+    assert scan(tmp_path)[0].eval_loss is None
+
+
 def test_an_interrupted_save_in_staging_is_set_aside(tmp_path):
     good = save(tmp_path, 5)
     stage(tmp_path, 10)  # Trainer wrote it, commit never ran
@@ -76,6 +124,98 @@ def test_an_interrupted_save_in_staging_is_set_aside(tmp_path):
     assert not (tmp_path / checkpoints.STAGING).exists()
     (aside,) = (tmp_path / checkpoints.SET_ASIDE).iterdir()
     assert "interrupted save" in (aside / "SET_ASIDE_REASON.txt").read_text()
+
+
+def test_an_incomplete_staged_save_and_a_bad_checkpoint_of_the_same_step_are_both_set_aside(tmp_path):
+    good = save(tmp_path, 5)
+    bad = save(tmp_path, 10)
+    (bad.path / "optimizer.pt").unlink()
+    stage(tmp_path, 10)  # and an interrupted save of step 10 again, in the same scan (the same second)
+    assert scan(tmp_path) == [good]
+    aside = sorted((tmp_path / checkpoints.SET_ASIDE).iterdir())
+    assert len(aside) == 2, "two names, no clash"
+    reasons = sorted((a / checkpoints.REASON).read_text() for a in aside)
+    assert "interrupted save" in reasons[0]
+    assert "missing file(s): optimizer.pt" in reasons[1]
+
+
+def test_a_kill_between_the_note_and_the_move_leaves_the_note_and_the_next_scan_finishes(tmp_path, monkeypatch):
+    good = save(tmp_path, 5)
+    bad = save(tmp_path, 10)
+    (bad.path / "optimizer.pt").write_bytes(b"x")
+    real_replace = os.replace
+
+    def killed(*args):
+        raise SystemExit("killed")  # as if the process died before the rename
+
+    monkeypatch.setattr(checkpoints.os, "replace", killed)
+    with pytest.raises(SystemExit):
+        scan(tmp_path)
+    assert "optimizer.pt is 1 bytes" in (bad.path / checkpoints.REASON).read_text(), "the note is written first"
+    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
+    assert scan(tmp_path) == [good]
+    (aside,) = (tmp_path / checkpoints.SET_ASIDE).iterdir()
+    first, *_ = (aside / checkpoints.REASON).read_text().splitlines()
+    assert "optimizer.pt is 1 bytes" in first, "the first reason stays first"
+
+
+def test_a_kill_while_deleting_a_replaced_checkpoint_leaves_a_name_scan_finishes_deleting(tmp_path, monkeypatch):
+    save(tmp_path, 5)
+
+    def killed(path, *args, **kwargs):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed)
+    with pytest.raises(SystemExit):
+        commit(stage(tmp_path, 5, b"new"), tmp_path, step=5, epoch=0.5, eval_loss=None, fingerprint="f", state={})
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(".replaced-*")), "not a name scan would try to recover"
+    assert list(tmp_path.glob(".deleting-*"))
+    (again,) = scan(tmp_path)
+    assert (again.path / "adapter_model.safetensors").read_bytes() == b"new" * 100
+    assert not list(tmp_path.glob(".deleting-*"))
+    assert not (tmp_path / checkpoints.SET_ASIDE).exists()
+
+
+def test_a_new_checkpoints_dir_is_made_durable(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(checkpoints, "fsync_path", lambda p: synced.append(p))
+    checkpoints.make_dirs(tmp_path / "a" / "b" / "checkpoints")
+    assert (tmp_path / "a" / "b" / "checkpoints").is_dir()
+    assert synced == [tmp_path, tmp_path / "a", tmp_path / "a" / "b"], "each new directory's parent"
+    synced.clear()
+    checkpoints.make_dirs(tmp_path / "a" / "b" / "checkpoints")
+    assert synced == []
+
+
+@pytest.mark.parametrize(
+    ("free", "fsize_limit", "need", "largest", "lacks"),
+    [
+        (10 << 30, resource.RLIM_INFINITY, 50 << 20, 20 << 20, False),
+        (40 << 20, resource.RLIM_INFINITY, 50 << 20, 20 << 20, True),  # the volume is full
+        (10 << 30, 10 << 20, 50 << 20, 20 << 20, True),  # ulimit -f: the largest file cannot be written
+        (10 << 30, 30 << 20, 50 << 20, 20 << 20, False),
+    ],
+)
+def test_lacks_space_asks_the_volume_without_writing_a_checkpoints_worth(
+    tmp_path, monkeypatch, free, fsize_limit, need, largest, lacks
+):
+    monkeypatch.setattr(checkpoints.os, "statvfs", lambda _: SimpleNamespace(f_bavail=free // 4096, f_frsize=4096))
+    monkeypatch.setattr(checkpoints.resource, "getrlimit", lambda _: (fsize_limit, resource.RLIM_INFINITY))
+    written = []
+    real_open = Path.open
+
+    def recording_open(self, mode="r", *args, **kwargs):
+        fh = real_open(self, mode, *args, **kwargs)
+        if "w" in mode:
+            write = fh.write
+            fh.write = lambda data: written.append(len(data)) or write(data)
+        return fh
+
+    monkeypatch.setattr(Path, "open", recording_open)
+    assert checkpoints.lacks_space(tmp_path, need, largest) is lacks
+    assert sum(written) <= 1 << 20, "a small probe, not a checkpoint's worth of zeros"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_saving_the_same_step_again_replaces_it(tmp_path):
@@ -131,6 +271,50 @@ def test_decide_after_step(kwargs, expected):
         **kwargs,
     }
     assert decide_after_step(**args) == expected
+
+
+@pytest.mark.parametrize(
+    ("step_s", "save_s", "grace_s", "warns"),
+    [(2.0, 1.0, 25.0, False), (20.0, 4.0, 25.0, False), (20.0, 6.0, 25.0, True), (0.1, 30.0, 25.0, True)],
+)
+def test_grace_shortfall_warns_when_a_step_and_a_save_do_not_fit(step_s, save_s, grace_s, warns):
+    message = grace_shortfall(step_s, save_s, grace_s)
+    assert (message is not None) is warns
+    if warns:
+        assert f"checkpoints.graceSeconds={grace_s:g}s" in message
+        assert "exit 75" in message
+        needed = int(message.split("above ")[1].split(" ")[0])
+        assert needed > step_s + save_s
+
+
+def test_divergence_guard_counts_every_non_finite_step_and_the_run_of_them():
+    guard = DivergenceGuard(limit=3, skip_update=False)
+    seen = []
+    for loss in (1.0, math.nan, math.inf, 0.5, math.nan, 0.4):
+        guard.observe(torch.tensor(loss))
+        guard.check_step(None, len(seen) + 1)
+        seen.append((guard.consecutive, guard.total))
+    assert seen == [(0, 0), (1, 1), (2, 2), (0, 2), (1, 3), (0, 3)]
+    assert guard.diverged_at is None
+
+
+def test_high_loss_samples_with_a_nan_loss_write_valid_json(tmp_path, tokenizer):
+    dataset = [{"index": i, "input_ids": tokenizer.encode(f"sample {i}")} for i in range(3)]
+
+    class Rows(list):  # the shape HighLossSamples reads: ds["index"] and ds[i]
+        def __getitem__(self, key):
+            return [r["index"] for r in self] if key == "index" else list.__getitem__(self, key)
+
+    samples = HighLossSamples(3, tmp_path / "high_loss_samples.jsonl", Rows(dataset), tokenizer)
+    samples.observe(torch.tensor([0, 1, 2]), torch.tensor([0.5, math.nan, 2.0]))
+    samples.write(step=10)
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = [json.loads(line, parse_constant=strict) for line in samples.path.read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == [0, 1, 2]
+    assert next(line for line in lines if line["index"] == 1)["loss"] is None
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,27 @@ def test_empty_split_exits_2(config_file, tmp_path, qa_rows):
     assert "Traceback" not in proc.stderr
 
 
+def test_an_unwritable_checkpoints_dir_fails_preflight_with_exit_3(config_file, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = kubetune_train("run", str(config_file({"checkpoints": {"dir": str(blocker / "ckpt")}})))
+    assert proc.returncode == 3, proc.stderr  # the volume, not the config: exit 3
+    assert f"disk.checkpoints: checkpoints.dir={blocker / 'ckpt'} is not writable" in proc.stderr
+    assert proc.stderr.count("disk.checkpoints") == 1, "said once"
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_help_lists_the_exit_codes():
+    proc = kubetune_train("--help")
+    assert proc.returncode == 0
+    for line in ("2    invalid configuration or data", "3    a preflight check of the environment failed", "75   "):
+        assert line in proc.stdout
+    preflight = kubetune_train("preflight", "--help")
+    assert "2 when the config or data must change" in " ".join(preflight.stdout.split())
+    assert "3 when the environment failed (gpu.*, disk.*)" in " ".join(preflight.stdout.split())
+
+
 def test_missing_config_file_exits_2(tmp_path):
     proc = kubetune_train("run", str(tmp_path / "missing.yaml"))
     assert proc.returncode == 2
@@ -113,14 +134,17 @@ def test_quickstart_learns_and_shows_it(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "qs" / "output"
     metrics = json.loads((out / "metrics.json").read_text())
-    summary = json.loads((out / "quickstart.json").read_text())
+    report = json.loads((out / "eval.json").read_text())
     assert metrics["train_loss_last"] < 0.2 * metrics["train_loss_first"]
     history = json.loads((out / "log_history.json").read_text())
     assert metrics["eval_loss"] < 0.2 * history[0]["eval_loss"], "validation loss fell from the step-0 evaluation"
-    assert summary["exact_after"] > summary["exact_before"]
-    assert summary["similarity_after"] > summary["similarity_before"] + 0.3
-    assert "before:" in proc.stdout
-    assert "after:" in proc.stdout
+    # Held-out answers moved toward the references: the base model's next to the fine-tuned one's.
+    base, tuned = report["base"], report["finetuned"]
+    assert tuned["exact_match"] >= base["exact_match"] + 0.3
+    assert tuned["cer"] < base["cer"] - 0.5
+    assert "base:" in proc.stdout
+    assert "fine-tuned:" in proc.stdout
+    assert "(exact)" in proc.stdout
     assert (out / "adapter_model.safetensors").is_file()
     # The config it wrote is a normal config: `kubetune-train run` accepts it.
     from kubetune_trainer.config import load_config

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
+from contextlib import contextmanager
 
 import pytest
 
@@ -66,11 +68,14 @@ def test_text_format_learns_every_token_and_eos(tokenizer):
 def test_chat_applies_the_template_and_learns_only_assistant_turns(tokenizer):
     (ids,), (labels,) = tokenize_chat([CHAT], tokenizer, train_on_prompt=False)
     text = tokenizer.decode(ids)
-    assert text == tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert text == tokenizer.apply_chat_template(CHAT, tokenize=False) + tokenizer.eos_token
     assert text.startswith("<|im_start|>system\nYou answer routing questions.<|im_end|>")
     learned = tokenizer.decode(targets(ids, labels))
-    # Both assistant answers with their end-of-turn marker; nothing of the system or user turns.
-    assert learned == "123456789<|im_end|>\n987654321<|im_end|>\n"
+    # Both assistant answers with their end-of-turn marker, then the EOS that ends generation (this
+    # template's <|im_end|> is not the tokenizer's EOS); nothing of the system or user turns.
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert learned == "123456789<|im_end|>\n987654321<|im_end|>\n<|endoftext|>"
+    assert ids[-1] == labels[-1] == tokenizer.eos_token_id
 
 
 def test_chat_turns_a_template_rewrites_later_are_left_out(tokenizer):
@@ -86,7 +91,68 @@ def test_chat_turns_a_template_rewrites_later_are_left_out(tokenizer):
         (ids,), (labels,) = tokenize_chat([CHAT], tokenizer, train_on_prompt=False)
     finally:
         tokenizer.chat_template = original
-    assert tokenizer.decode(targets(ids, labels)) == "987654321<|im_end|>\n"
+    assert tokenizer.decode(targets(ids, labels)) == "987654321<|im_end|>\n<|endoftext|>"
+
+
+@contextmanager
+def chat_template(tokenizer, template):
+    original = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        yield
+    finally:
+        tokenizer.chat_template = original
+
+
+def test_chat_gets_no_second_eos_when_the_template_ends_turns_with_it(tokenizer):
+    # As Llama 3 and Qwen instruct models do: the end-of-turn marker is the EOS.
+    template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|endoftext|>' + '\n' }}{% endfor %}"
+    with chat_template(tokenizer, template):
+        (ids,), (labels,) = tokenize_chat([CHAT], tokenizer, train_on_prompt=False)
+    assert ids.count(tokenizer.eos_token_id) == 5  # one per turn, none added
+    assert tokenizer.decode(targets(ids, labels)).endswith("987654321<|endoftext|>\n")
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_chat_ending_with_a_user_turn_gets_no_eos(tokenizer, train_on_prompt):
+    (ids,), (labels,) = tokenize_chat([CHAT[:4]], tokenizer, train_on_prompt=train_on_prompt)
+    assert tokenizer.eos_token_id not in ids
+    assert tokenizer.decode(targets(ids, labels)) == (
+        tokenizer.decode(ids) if train_on_prompt else "123456789<|im_end|>\n"
+    )
+
+
+def test_chat_trained_on_prompt_learns_the_eos_too(tokenizer):
+    (ids,), (labels,) = tokenize_chat([CHAT], tokenizer, train_on_prompt=True)
+    assert labels == ids and ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
+
+
+@pytest.fixture
+def eos_adding_tokenizer(tokenizer):
+    """The tiny tokenizer made to append EOS itself, as tokenizers with add_eos_token=True do."""
+    from tokenizers.processors import TemplateProcessing
+
+    adding = copy.deepcopy(tokenizer)
+    eos = tokenizer.eos_token
+    adding.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {eos}", special_tokens=[(eos, tokenizer.eos_token_id)]
+    )
+    assert adding("Oak Plaza")["input_ids"][-1] == tokenizer.eos_token_id  # the premise
+    return adding
+
+
+def test_text_gets_one_eos_when_the_tokenizer_adds_it(eos_adding_tokenizer):
+    (ids,), (labels,) = tokenize_text(["Maple Street is in Springfield."], eos_adding_tokenizer)
+    assert ids.count(eos_adding_tokenizer.eos_token_id) == 1 and ids[-1] == eos_adding_tokenizer.eos_token_id
+    assert labels == ids
+
+
+def test_text_and_completions_that_end_with_eos_get_no_second(tokenizer):
+    eos = tokenizer.eos_token
+    (ids,), _ = tokenize_text([f"Maple Street.{eos}"], tokenizer)
+    assert ids.count(tokenizer.eos_token_id) == 1 and ids[-1] == tokenizer.eos_token_id
+    (ids,), (labels,) = tokenize_prompt_completion(["Q: x\nA:"], [f" y{eos}"], tokenizer, train_on_prompt=False)
+    assert ids.count(tokenizer.eos_token_id) == 1 and labels[-1] == tokenizer.eos_token_id
 
 
 def test_collator_pads_by_position_so_eos_stays_a_target(tokenizer):
@@ -182,6 +248,18 @@ def test_missing_field_names_file_and_line(tmp_path, qa_rows):
     assert "Fix or remove that row" in message
 
 
+def test_every_bad_row_is_counted_and_the_first_ones_named(tmp_path, qa_rows):
+    rows = [dict(r) for r in qa_rows[:20]]
+    for i in (2, 5, 9, 11, 15):
+        rows[i]["completion"] = "" if i % 2 else None
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    message = _error(DatasetConfig(path=str(path)))
+    assert "dataset.path: 5 of 20 rows cannot be trained on" in message
+    assert f"{path}:3: " in message and f"{path}:6: " in message and f"{path}:10: " in message
+    assert "and 2 more" in message and f"{path}:12:" not in message
+
+
 def test_missing_field_in_csv_names_the_line(tmp_path, qa_rows):
     path = tmp_path / "d.csv"
     with path.open("w", newline="") as fh:
@@ -204,6 +282,120 @@ def test_invalid_json_line(tmp_path, qa_rows):
 def test_wrong_type(tmp_path, qa_rows):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": 5}] * 12)
     assert "field 'completion' must be a string, found int" in _error(DatasetConfig(path=str(path)))
+
+
+ROUTING = [{"prompt": f"Routing code of branch {i}?", "completion": f" 4998588{i:02d}"} for i in range(100)]
+
+
+@pytest.mark.parametrize(("line", "value", "found"), [(51, 499858816, "int"), (71, ["a"], "list"), (2, None, "")])
+def test_a_wrong_type_names_its_own_line_and_type(tmp_path, line, value, found):
+    """One non-string used to turn the column into datasets' Json feature: every " 4998588.." string read
+    back as an int, and the error named line 1 and the wrong type."""
+    rows = [dict(r) for r in ROUTING]
+    rows[line - 1]["completion"] = value
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    message = _error(DatasetConfig(path=str(path)))
+    problem = f"must be a string, found {found}" if found else "is missing"
+    assert f"{path}:{line}: field 'completion' {problem}. Fix or remove that row" in message
+
+
+def test_a_wrong_type_in_a_json_array_names_the_element(tmp_path):
+    rows = [dict(r) for r in ROUTING]
+    rows[40]["prompt"] = 7
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows, indent=1))
+    assert f"{path}: element 40: field 'prompt' must be a string, found int" in _error(DatasetConfig(path=str(path)))
+
+
+def test_valid_rows_keep_their_strings(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROUTING)
+    _, raw = load_splits(DatasetConfig(path=str(path), validation_split=0, test_split=0))
+    assert raw["train"]["completion"] == [r["completion"] for r in ROUTING]
+
+
+def test_csv_is_read_as_text(tmp_path):
+    """pandas would read these codes as ints (losing the zeros), 'NA' and 'None' as missing, '1.50' as 1.5."""
+    answers = ["000123456", "NA", "None", "1.50", "  spaced  "]
+    path = tmp_path / "codes.csv"
+    with path.open("w", newline="", encoding="utf-8-sig") as fh:  # with the BOM that Excel writes
+        writer = csv.writer(fh)
+        writer.writerow(["prompt", "completion"])
+        for i in range(4):
+            writer.writerows([f"Q{i}-{n}", a] for n, a in enumerate(answers))
+    _, raw = load_splits(DatasetConfig(path=str(path), validation_split=0, test_split=0))
+    assert raw["train"].column_names == ["prompt", "completion"]
+    assert raw["train"]["completion"][:5] == answers
+
+
+def test_csv_with_a_pandas_index_column(tmp_path):
+    import pandas
+
+    path = tmp_path / "d.csv"
+    pandas.DataFrame(ROUTING).to_csv(path)  # index=True: the header starts with an empty name
+    fmt, raw = load_splits(DatasetConfig(path=str(path), validation_split=0, test_split=0))
+    assert fmt == "prompt_completion" and raw["train"].column_names == ["Unnamed: 0", "prompt", "completion"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "{path} holds no rows"),
+        ("\n\n", "{path} holds no rows"),
+        ("prompt,completion\n", "{path} holds no rows"),
+        ("prompt,completion\na,b\nc,d,e\nf,g\n", "{path}:3: 3 values, but the header ({path}:1) names 2 columns"),
+        ("prompt,completion\na,b\n\nc\n", "{path}:4: 1 value, but the header"),
+        ('prompt,completion\na,b\nc,"d\n', "{path}:3: not valid CSV"),
+        ("prompt,prompt\na,b\n", "{path}:1: the header names column 'prompt' twice"),
+    ],
+    ids=["empty", "blank", "header-only", "extra-value", "missing-value", "open-quote", "duplicate-column"],
+)
+def test_bad_csv_names_file_and_line(tmp_path, text, expected):
+    path = tmp_path / "d.csv"
+    path.write_text(text)
+    message = _error(DatasetConfig(path=str(path)))
+    assert message.startswith("dataset.path: ") and expected.format(path=path) in message
+    assert "An error occurred" not in message and "corresponds to no data" not in message
+
+
+def test_a_truncated_parquet_file_is_named(tmp_path):
+    import datasets
+
+    good = tmp_path / "good.parquet"
+    datasets.Dataset.from_list(ROUTING).to_parquet(good)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    message = _error(DatasetConfig(path=str(bad)))
+    assert message.startswith(f"dataset.path: cannot read {bad}: ")
+    assert "Check that the file is valid parquet" in message and "An error occurred" not in message
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ([{"prompt": "p", "answer": "a"}] * 12, "cannot tell the data format from the columns 'prompt', 'answer'"),
+        ([{"prompt": "p", "completion": "c"}] * 3 + [{"prompt": "p", "completion": None}] * 9, "row 3: field"),
+    ],
+    ids=["missing-column", "missing-value"],
+)
+def test_parquet_problems_name_the_column_and_row(tmp_path, rows, expected):
+    import datasets
+
+    path = tmp_path / "d.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    assert expected in _error(DatasetConfig(path=str(path)))
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_non_utf8_far_into_the_file_names_its_line(tmp_path, suffix):
+    """The decoder reports an offset into its current chunk, not the file."""
+    path = tmp_path / f"d.{suffix}"
+    lines = [json.dumps({"prompt": f"p{i}", "completion": " c"}) for i in range(900)]
+    if suffix == "csv":
+        lines = ["prompt,completion", *[f"p{i},c" for i in range(899)]]
+    raw = "\n".join(lines).encode().split(b"\n")
+    raw[700] = raw[700].replace(b"p", b"caf\xe9 p", 1)
+    path.write_bytes(b"\n".join(raw) + b"\n")
+    assert f"{path}:701: not UTF-8 text" in _error(DatasetConfig(path=str(path)))
 
 
 def test_unknown_columns_say_what_is_expected(tmp_path):

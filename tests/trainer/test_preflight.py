@@ -23,6 +23,7 @@ from kubetune_trainer.preflight import (
     estimate_memory,
     model_info,
 )
+from kubetune_trainer.sinks import Sink
 from tests.trainer.test_cli import kubetune_train
 
 GiB = 1 << 30
@@ -41,6 +42,8 @@ def test_learning_rate(lr, status):
         ({"maxSteps": 10, "warmupSteps": 10}, 100, ["pass", "fail"], "warmup (10 steps) is not shorter than the run"),
         ({"maxSteps": 1}, 100, ["pass", "pass"], "0 warmup steps of 1"),  # a ratio never takes the whole run
         ({"maxSteps": 5, "warmupSteps": 7}, 100, ["pass", "fail"], "lower training.warmupSteps or warmupRatio"),
+        ({}, 0, ["fail", "pass"], "0 training rows give no optimizer step; add data or lower training.batchSize"),
+        ({"maxSteps": 5}, 0, ["fail", "pass"], "0 training rows give no optimizer step"),
     ],
 )
 def test_steps_and_warmup(make_config, overrides, rows, statuses, text):
@@ -73,8 +76,21 @@ def test_memory_estimate_follows_the_settings():
     fp32 = estimate_memory(QWEN_05B, precision="fp32", batch_size=4, seq_len=1024, gradient_checkpointing=False)
     assert ckpt["activations"] < base["activations"] / 5
     assert fp32["weights"] == 2 * base["weights"]
-    assert base["total"] == sum(v for k, v in base.items() if k != "total")
+    resident = base["weights"] + base["adapter_and_optimizer"] + base["runtime"]
+    assert base["total"] == resident + base["activations"] + base["logits"], "an eval batch as large weighs less"
     assert 5 * GiB < base["total"] < 40 * GiB  # a 0.5B model, batch 4 x 1024 tokens
+
+
+def test_memory_estimate_counts_a_larger_evaluation_batch():
+    args = {"precision": "bf16", "batch_size": 4, "seq_len": 1024, "gradient_checkpointing": True}
+    same = estimate_memory(QWEN_05B, **args)
+    big = estimate_memory(QWEN_05B, **args, eval_batch_size=64)
+    assert big["eval_logits"] == 16 * same["logits"]
+    resident = big["weights"] + big["adapter_and_optimizer"] + big["runtime"]
+    assert big["total"] == resident + big["eval_activations"] + big["eval_logits"] > same["total"]
+    check = check_memory(big, free=big["total"] - 1, total=big["total"] * 2)
+    assert check.status == "fail"
+    assert "largest part: eval_logits); lower evaluation.batchSize or dataset.maxSeqLength" in check.message
 
 
 @pytest.mark.parametrize(
@@ -136,6 +152,21 @@ def test_duplicates():
     assert "2 of 5 training rows repeat another (e.g. rows 0, 2, 4)" in check.message
 
 
+def test_a_failed_report_says_only_what_failed_and_how_many_warnings():
+    report = Report(
+        [
+            Check("config.learning_rate", "warn", "high"),
+            Check("disk.output", "pass", "fine"),
+            Check("gpu.cuda", "fail", "1 GPU(s) requested but CUDA sees none"),
+            Check("dataset.splits", "warn", "small"),
+        ]
+    )
+    text = report.summary()
+    assert text.startswith("Preflight failed (1 of 4 checks failed, 2 warnings; -v or output/preflight.json")
+    assert "  gpu.cuda: 1 GPU(s) requested but CUDA sees none" in text
+    assert "disk.output" not in text and "config.learning_rate" not in text
+
+
 def test_report_exit_codes():
     report = Report([Check("x", "pass", ""), Check("y", "warn", "")])
     assert report.exit_code() == 0
@@ -189,10 +220,41 @@ def test_preflight_command_reports_json(tmp_path, raw_config):
 
 
 def test_preflight_without_the_requested_gpu_exits_3(tmp_path, raw_config):
-    proc = kubetune_train("preflight", str(_write(tmp_path, raw_config)), "--expect-gpus", "1")
+    config = str(_write(tmp_path, raw_config))
+    proc = kubetune_train("preflight", config, "--expect-gpus", "1")
     assert proc.returncode == 3
-    assert "FAIL  gpu.cuda" in proc.stdout
-    assert "preflight failed: gpu.cuda" in proc.stderr
+    # One paragraph: the failed check, once; the table only with -v.
+    assert proc.stdout == ""
+    assert proc.stderr.count("gpu.cuda") == 1, proc.stderr
+    assert "kubetune-train: error: Preflight failed (1 of " in proc.stderr
+    assert "gpu.cuda: 1 GPU(s) requested but CUDA sees none" in proc.stderr
+    assert "PASS" not in proc.stderr
+    report = json.loads((tmp_path / "out" / "preflight.json").read_text())
+    assert report["passed"] is False
+
+    verbose = kubetune_train("preflight", config, "--expect-gpus", "1", "-v")
+    assert verbose.returncode == 3
+    assert "FAIL  gpu.cuda" in verbose.stdout
+    assert "PASS  model.config" in verbose.stdout
+
+
+def test_a_broken_model_still_gets_its_disk_checks(tmp_path, raw_config):
+    raw_config["model"]["nameOrPath"] = str(tmp_path / "no-such-model")
+    proc = kubetune_train("preflight", str(_write(tmp_path, raw_config)), "--json")
+    assert proc.returncode == 2, proc.stderr  # the config must change: not the environment's fault
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert checks["model.config"]["status"] == "fail"
+    assert checks["disk.checkpoints"]["message"].startswith("skipped: needs the model config; checkpoints.dir=")
+    assert "is writable" in checks["disk.checkpoints"]["message"]
+    assert checks["disk.checkpoints"]["data"]["skipped"] is True
+    assert checks["dataset"]["message"].startswith("skipped: needs the tokenizer")
+    assert checks["gpu.cuda"]["status"] == "pass"
+
+    raw_config["checkpoints"]["dir"] = str(tmp_path / "run.yaml" / "ckpt")  # under a file: cannot be created
+    proc = kubetune_train("preflight", str(_write(tmp_path, raw_config)), "--json")
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert checks["disk.checkpoints"]["status"] == "fail"
+    assert "is not writable" in checks["disk.checkpoints"]["message"]
 
 
 def test_run_refuses_a_chat_dataset_without_chat_template(tmp_path, raw_config, tiny_model, qa_rows):
@@ -220,6 +282,37 @@ def test_run_refuses_a_chat_dataset_without_chat_template(tmp_path, raw_config, 
     assert "model.chat_template: dataset.format is chat, but the model's tokenizer has no chat template" in proc.stderr
     report = json.loads((tmp_path / "out" / "preflight.json").read_text())
     assert report["passed"] is False
+
+
+class Recorder(Sink):
+    """A sink that keeps what it is given (the seam between the trainer and where reports go)."""
+
+    def __init__(self) -> None:
+        self.preflights: list[dict] = []
+        self.closed = False
+
+    def preflight(self, report: dict) -> None:
+        self.preflights.append(report)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_prepare_reports_the_preflight_to_the_run_and_closes_its_sinks(tmp_path, raw_config, monkeypatch):
+    from kubetune_trainer import sinks
+    from kubetune_trainer.cli import build_parser
+    from kubetune_trainer.errors import ConfigError
+
+    recorder = Recorder()
+    monkeypatch.setattr(sinks, "default_sinks", lambda cfg: [recorder])
+    raw_config["training"]["warmupSteps"] = 10  # not shorter than the 4 steps: the preflight fails
+    args = build_parser().parse_args(["prepare", str(_write(tmp_path, raw_config))])
+    with pytest.raises(ConfigError, match=r"config\.warmup: warmup"):
+        args.func(args)
+    (report,) = recorder.preflights
+    assert report["passed"] is False
+    assert any(c["name"] == "config.warmup" and c["status"] == "fail" for c in report["checks"])
+    assert recorder.closed
 
 
 def test_prepare_saves_the_tokenized_data_that_run_reuses(tmp_path, raw_config, qa_file):

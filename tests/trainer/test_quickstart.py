@@ -1,12 +1,25 @@
-"""The quickstart's pieces: QA pairs from records, its working directory, its score."""
+"""The quickstart's pieces: QA pairs from records (make-qa), its working directory."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from kubetune_trainer.errors import ConfigError, DataError
-from kubetune_trainer.qa import QATemplate, render_pairs
-from kubetune_trainer.quickstart import MARKER, branch_records, char_similarity, claim_workdir
+from kubetune_trainer.qa import (
+    MARKER as QA_MARKER,
+)
+from kubetune_trainer.qa import (
+    QATemplate,
+    ambiguous_questions,
+    load_template_file,
+    make_qa,
+    read_records,
+    render_pairs,
+    split_pairs,
+)
+from kubetune_trainer.quickstart import BRANCH_TEMPLATES, MARKER, branch_records, claim_workdir, write_templates
 
 RECORDS = [{"branch": "Oak Plaza", "routing_code": "123456789"}, {"branch": "Elm Street", "routing_code": "987654321"}]
 
@@ -38,11 +51,86 @@ def test_branch_records_are_deterministic_with_distinct_codes():
     assert all(len(r["routing_code"]) == 9 for r in records)
 
 
+def test_the_split_never_puts_one_question_in_two_splits():
+    # Two branches share a city code: the reverse question "who has code X" has two answers.
+    records = [*branch_records(30), {"branch": "Twin Plaza", "city": "Lakeside", "routing_code": "123123123"}]
+    records.append({"branch": "Twin Street", "city": "Lakeside", "routing_code": "123123123"})
+    pairs = render_pairs(records, BRANCH_TEMPLATES)
+    splits = split_pairs(pairs, 0.2, 0.2, seed=3)
+    prompts = {name: {p["prompt"] for p in rows} for name, rows in splits.items()}
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["validation"]
+    assert not prompts["validation"] & prompts["test"]
+    assert sum(map(len, splits.values())) == len(pairs), "every pair lands in exactly one split"
+    assert {p["kind"] for p in splits["test"]} == {t.kind for t in BRANCH_TEMPLATES}, "each type in each split"
+    assert splits == split_pairs(pairs, 0.2, 0.2, seed=3), "deterministic for a seed"
+    assert splits != split_pairs(pairs, 0.2, 0.2, seed=4)
+    assert ambiguous_questions(pairs) == ["Question: Which branch has routing code 123123123?\nAnswer:"]
+
+
+def test_make_qa_writes_splits_from_a_csv_and_a_template_file(tmp_path):
+    records = tmp_path / "branches.csv"
+    records.write_text("branch,city,routing_code\nOak Plaza,Ashland,012345678\nElm Street,Riverton,987654321\n")
+    made = make_qa(records, write_templates(tmp_path / "templates.yaml"), tmp_path / "qa", validation=0.25, test=0.25)
+    rows = {
+        n: [json.loads(x) for x in (tmp_path / "qa" / f"{n}.jsonl").open()] for n in ("train", "validation", "test")
+    }
+    assert sum(map(len, rows.values())) == 8 == sum(made.counts.values())
+    every = [r for split in rows.values() for r in split]
+    exact = {
+        "prompt": "Question: What is the routing code of the Oak Plaza branch?\nAnswer:",
+        "completion": " 012345678",
+    }
+    assert {**exact, "kind": "exact"} in every, "values stay text: the leading zero is kept"
+    assert made.dataset_config() == {
+        "path": str(tmp_path / "qa" / "train.jsonl"),
+        "validationPath": str(tmp_path / "qa" / "validation.jsonl"),
+        "testPath": str(tmp_path / "qa" / "test.jsonl"),
+    }
+    # Rerunning replaces its own files; files it did not write are never replaced.
+    make_qa(records, tmp_path / "templates.yaml", tmp_path / "qa", validation=0.25, test=0.25)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "train.jsonl").write_text("mine\n")
+    with pytest.raises(ConfigError, match="not written by make-qa"):
+        make_qa(records, tmp_path / "templates.yaml", tmp_path / "other")
+    assert (tmp_path / "other" / "train.jsonl").read_text() == "mine\n"
+    assert not (tmp_path / "other" / QA_MARKER).exists()
+
+
 @pytest.mark.parametrize(
-    ("a", "b", "expected"), [("123", "123", 1.0), ("", "", 1.0), ("123", "124", 2 / 3), ("abc", "", 0.0)]
+    ("text", "message"),
+    [
+        ("templates:\n  - kind: exact\n    question: Q {branch}?\n", r"line 2, templates\.0\.answer: required"),
+        ("templates:\n  - kind: exact\n    question: Q?\n    anser: A\n", r"line 4, templates\.0\.anser: unknown"),
+        ("templates: [\n", r"templates.yaml:2: not valid YAML"),
+        ("promptFormat: 'Q: {q}'\ntemplates: [{kind: a, question: x, answer: y}]\n", "must contain {question}"),
+    ],
 )
-def test_char_similarity(a, b, expected):
-    assert char_similarity(a, b) == pytest.approx(expected)
+def test_a_bad_template_file_is_named_with_its_line(tmp_path, text, message):
+    path = tmp_path / "templates.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_template_file(path)
+
+
+def test_a_malformed_placeholder_is_refused():
+    with pytest.raises(ConfigError, match="template 'x'"):
+        render_pairs(RECORDS, [QATemplate("x", "Code of {branch?", "{routing_code}")])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("r.csv", "branch,routing_code\nOak,1,extra\n", r"r.csv:2: 3 columns where the header has 2"),
+        ("r.csv", "branch,routing_code\n", "holds no records"),
+        ("r.jsonl", '{"branch": "Oak"}\n{"branch": \n', r"r.jsonl:2: not valid JSON"),
+        ("r.jsonl", '["Oak"]\n', r"r.jsonl:1: a record must be a JSON object"),
+        ("r.txt", "x", "unknown file type .txt"),
+    ],
+)
+def test_bad_records_are_named_with_file_and_line(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_records(tmp_path / name)
 
 
 def test_quickstart_refuses_a_directory_it_did_not_make(tmp_path):

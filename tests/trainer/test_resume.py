@@ -26,16 +26,41 @@ from kubetune_trainer import checkpoints
 from tests.conftest import write_jsonl
 
 STEPS = 40
+GRACE_SECONDS = 25  # checkpoints.graceSeconds by default: a SIGTERM must be obeyed within it
+
+# kubetune-train, except that every save pauses just before its manifest (where a kill hurts most),
+# after writing the step to the file named by $PAUSE_MARKER. Fault injection from outside the product.
+PAUSE_IN_SAVE = """
+import os, sys, threading
+from pathlib import Path
+from kubetune_trainer import checkpoints, cli
+
+def paused(staging, manifest):
+    Path(os.environ["PAUSE_MARKER"]).write_text(str(manifest["step"]))
+    threading.Event().wait(300)  # until the test kills or signals this process
+    raise SystemExit("nobody came to kill this process")
+
+checkpoints.write_manifest = paused
+sys.exit(cli.main())
+"""
 
 
 class Trainer:
-    """`kubetune-train run` as a child process whose log lines can be waited for."""
+    """`kubetune-train run` as a child process whose log lines can be waited for.
 
-    def __init__(self, config: Path, env: dict | None = None, preexec=None) -> None:
-        script = Path(sys.executable).with_name("kubetune-train")
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "kubetune_trainer.cli"]
+    script: a Python file to run instead of kubetune-train (it takes the same arguments);
+    prefix: a command that runs it (e.g. `unshare` to make it PID 1)."""
+
+    def __init__(
+        self, config: Path, env: dict | None = None, preexec=None, script: Path | None = None, prefix=()
+    ) -> None:
+        cli = Path(sys.executable).with_name("kubetune-train")
+        command = [str(cli)] if cli.exists() else [sys.executable, "-m", "kubetune_trainer.cli"]
+        if script is not None:
+            command = [sys.executable, str(script)]
+        self.signalled: float | None = None
         self.proc = subprocess.Popen(
-            [*command, "run", str(config)],
+            [*prefix, *command, "run", str(config)],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -51,7 +76,7 @@ class Trainer:
             self._queue.put(line)
         self._queue.put(None)
 
-    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -65,11 +90,25 @@ class Trainer:
                 return m
         raise AssertionError(f"no {pattern!r} within {timeout}s:\n{''.join(self.lines[-40:])}")
 
-    def finish(self, timeout: float = 180) -> tuple[int, str]:
+    def send(self, sig: signal.Signals, pid: int | None = None) -> None:
+        self.signalled = time.monotonic()
+        os.kill(pid or self.proc.pid, sig)
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
         rc = self.proc.wait(timeout=timeout)
+        self.obeyed_in = None if self.signalled is None else time.monotonic() - self.signalled
         while (line := self._queue.get(timeout=10)) is not None:
             self.lines.append(line)
         return rc, "".join(self.lines)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, code: int = 143, pid: int | None = None) -> str:
+        """Send sig; expect exit `code` within the grace period; return the log."""
+        self.send(sig, pid)
+        rc, log = self.finish()
+        assert rc == code, log[-3000:]
+        assert self.obeyed_in < GRACE_SECONDS, f"took {self.obeyed_in:.1f}s to obey {sig.name}"
+        assert "Traceback" not in log
+        return log
 
 
 def run_to_end(config: Path, **kwargs) -> str:
@@ -82,10 +121,22 @@ def interrupt(config: Path, at: str, sig: signal.Signals = signal.SIGTERM, code:
     """Run until a log line matches `at`, send `sig`, expect exit `code`; return the step it stopped at."""
     trainer = Trainer(config)
     trainer.wait_for(at)
-    trainer.proc.send_signal(sig)
-    rc, log = trainer.finish()
-    assert rc == code, log[-3000:]
+    log = trainer.stop(sig, code)
     return int(re.search(rf"Stopped by {sig.name} at step (\d+)", log).group(1)), log
+
+
+def pause_in_save(tmp_path: Path) -> tuple[Path, Path]:
+    """The PAUSE_IN_SAVE script and the marker it writes when a save is paused."""
+    script = tmp_path / "pause_in_save.py"
+    script.write_text(PAUSE_IN_SAVE)
+    return script, tmp_path / "paused"
+
+
+def wait_for_file(path: Path, trainer: Trainer, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline and trainer.proc.poll() is None, "the save never paused"
+        time.sleep(0.05)
 
 
 def losses(out: Path, key: str = "loss") -> dict[int, float]:
@@ -141,14 +192,29 @@ def run_files(tmp_path_factory, tiny_model, qa_rows):
 
 
 @pytest.fixture(scope="module")
-def reference(run_files) -> dict[str, dict[int, float]]:
+def reference_output(run_files) -> Path:
+    """The output of the run that is never interrupted."""
     config = run_files("reference")
     run_to_end(config)
-    out = config.parent / "output"
+    return config.parent / "output"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_output) -> dict[str, dict[int, float]]:
+    out = reference_output
     reference = {"loss": losses(out), "eval_loss": losses(out, "eval_loss")}
     assert sorted(reference["loss"]) == list(range(1, STEPS + 1))
     assert sorted(reference["eval_loss"]) == [0, 10, 20, 30, 40]
     return reference
+
+
+def assert_same_result(out: Path, reference_output: Path) -> None:
+    """What the export says about the final adapter, as in the run that was never interrupted."""
+    got, expected = (json.loads((o / "metrics.json").read_text()) for o in (out, reference_output))
+    for key in ("global_step", "best_step", "restored_best", "early_stopped"):
+        assert got[key] == expected[key], key
+    for key in ("eval_loss", "best_eval_loss"):
+        torch.testing.assert_close(got[key], expected[key], msg=key)
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
@@ -180,12 +246,9 @@ def test_kill_9_in_the_middle_of_a_save_leaves_the_previous_checkpoint_usable(ru
     ckpt = config.parent / "checkpoints"
     stopped, _ = interrupt(config, r"step 1[3-6]/40 \(")
 
-    marker = tmp_path / "paused"
-    second = Trainer(config, env={checkpoints.PAUSE_HOOK_ENV: str(marker)})
-    deadline = time.monotonic() + 120
-    while not marker.exists():  # the hook pauses after the files are written, before the manifest
-        assert time.monotonic() < deadline and second.proc.poll() is None, "the save never paused"
-        time.sleep(0.05)
+    script, marker = pause_in_save(tmp_path)
+    second = Trainer(config, env={"PAUSE_MARKER": str(marker)}, script=script)
+    wait_for_file(marker, second)  # paused after the files are written, before the manifest
     second.proc.kill()
     second.finish()
     half_written = ckpt / checkpoints.STAGING / f"checkpoint-{marker.read_text()}"
@@ -298,29 +361,81 @@ def test_a_rerun_after_completion_only_exports(run_files, reference):
     )
 
 
-def test_no_safe_point_within_the_grace_period_exits_143_without_a_new_checkpoint(run_files, tmp_path):
+def test_no_safe_point_within_the_grace_period_exits_75_without_a_new_checkpoint(run_files, tmp_path):
     config = run_files("grace", **{"checkpoints.graceSeconds": 1})
-    marker = tmp_path / "paused"
-    trainer = Trainer(config, env={checkpoints.PAUSE_HOOK_ENV: str(marker)})
-    deadline = time.monotonic() + 120
-    while not marker.exists():  # the main thread is now stuck inside a save
-        assert time.monotonic() < deadline and trainer.proc.poll() is None, "the save never paused"
-        time.sleep(0.05)
-    trainer.proc.send_signal(signal.SIGTERM)
+    script, marker = pause_in_save(tmp_path)
+    termination_log = tmp_path / "termination-log"
+    trainer = Trainer(
+        config, env={"PAUSE_MARKER": str(marker), "KUBETUNE_TERMINATION_LOG": str(termination_log)}, script=script
+    )
+    wait_for_file(marker, trainer)  # the main thread is now stuck inside a save
+    trainer.send(signal.SIGTERM)
     rc, log = trainer.finish()
-    assert rc == 143, log[-3000:]
-    assert "no safe point within checkpoints.graceSeconds=1s of SIGTERM" in log
+    # Not 143, which promises a checkpoint saved: a rerun resumes from the previous one, as after a crash.
+    assert rc == 75, log[-3000:]
+    assert "no safe point within checkpoints.graceSeconds=1s of SIGTERM; exiting 75 without a new checkpoint" in log
+    assert 1 <= trainer.obeyed_in < GRACE_SECONDS
+    assert json.loads(termination_log.read_text())["reason"] == "StopTimedOut"
     assert checkpoints.scan(config.parent / "checkpoints") == [], "the unfinished save is set aside, not used"
 
 
-def test_sigterm_in_the_final_evaluation_leaves_a_finished_run(run_files, reference):
+def test_sigterm_in_the_final_evaluation_leaves_a_finished_run(run_files, reference, reference_output):
     config = run_files("final-eval")
     stopped, log = interrupt(config, r"step 40: evaluating")
     assert stopped == 40
+    state = checkpoints.read_state(checkpoints.scan(config.parent / "checkpoints")[-1])
+    assert state["complete"] and state["pending_eval"]
+
+    # The rerun owes step 40's evaluation. A SIGTERM there (outside the training loop) stops at
+    # once and keeps the finished checkpoint.
+    rerun = Trainer(config)
+    rerun.wait_for(r"step 40: evaluating, as the interrupted run could not")
+    log = rerun.stop()
+    assert "Stopped by SIGTERM in the final evaluation and export" in log
+    assert rerun.obeyed_in < 10, "no checkpoint to wait for"
+    assert not (config.parent / "output" / "metrics.json").exists()
+
     log = run_to_end(config)
     assert "finished training; evaluating and exporting it" in log
     assert not re.search(r"step 41/", log)
-    assert json.loads((config.parent / "output" / "metrics.json").read_text())["global_step"] == 40
+    # The owed evaluation decides the best adapter just as the uninterrupted run's did.
+    assert_same_losses(config.parent / "output", reference)
+    assert_same_result(config.parent / "output", reference_output)
+
+
+def _child_of(pid: int, timeout: float = 30) -> int:
+    """The pid of pid's child (the process `unshare --fork` starts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                return int(stat.parent.name)
+        time.sleep(0.05)
+    raise AssertionError(f"no child of {pid}")
+
+
+def _pid1_prefix() -> list[str]:
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"], check=False).returncode:
+        pytest.skip("unshare -p (a new PID namespace) needs root; the plain case covers the handler")
+    return ["unshare", "-p", "-f", "--mount-proc"]
+
+
+@pytest.mark.parametrize("pid1", [False, True], ids=["process", "PID 1 as in a container"])
+def test_sigterm_during_setup_stops_at_once(run_files, pid1):
+    """Before training there is nothing to save: exit 143 at once. As PID 1 (the trainer in its container),
+    a process with no handler ignores SIGTERM and would run on until the kubelet's SIGKILL."""
+    prefix = _pid1_prefix() if pid1 else []
+    config = run_files(f"setup-{'pid1' if pid1 else 'process'}")
+    trainer = Trainer(config, prefix=prefix)
+    trainer.wait_for(r"Setting up: checkpoints, preflight checks, model")
+    log = trainer.stop(pid=_child_of(trainer.proc.pid) if pid1 else None)
+    assert "Stopped by SIGTERM while setting up, before training started" in log
+    assert trainer.obeyed_in < 10
+    assert checkpoints.scan(config.parent / "checkpoints") == []
 
 
 def test_a_resumed_run_uses_the_changed_settings(run_files, reference):

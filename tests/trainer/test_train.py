@@ -83,6 +83,93 @@ def test_run_exports_a_loadable_adapter_and_reports(make_config, tiny_model):
     assert loss.item() < json.loads((out / "log_history.json").read_text())[0]["eval_loss"] + 5  # sanity
 
 
+def _config(**overrides):
+    from kubetune_trainer.config import TrainConfig, apply_overrides
+
+    raw = {"model": {"nameOrPath": "m"}, "dataset": {"path": "d.jsonl"}, "checkpoints": {"dir": "/tmp/ckpt"}}
+    return TrainConfig.model_validate(apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {},
+            {
+                "lr_scheduler_type": "cosine",
+                "warmup_steps": 3,  # 3% of 100 steps
+                "weight_decay": 0.0,
+                "max_grad_norm": 1.0,
+                "gradient_accumulation_steps": 1,
+                "per_device_train_batch_size": 8,
+                "per_device_eval_batch_size": 8,
+                "learning_rate": 2e-4,
+                "num_train_epochs": 3.0,
+                "max_steps": -1,
+                "seed": 42,
+                "data_seed": 42,
+                "logging_steps": 10,
+            },
+        ),
+        (
+            {
+                "training.lrScheduler": "linear",
+                "training.warmupSteps": 7,
+                "training.weightDecay": 0.1,
+                "training.maxGradNorm": 0.5,
+                "training.gradientAccumulationSteps": 4,
+                "training.batchSize": 2,
+                "evaluation.batchSize": 16,
+                "training.learningRate": 1e-3,
+                "training.maxSteps": 100,
+                "training.seed": 7,
+                "training.loggingSteps": 5,
+            },
+            {
+                "lr_scheduler_type": "linear",
+                "warmup_steps": 7,
+                "weight_decay": 0.1,
+                "max_grad_norm": 0.5,
+                "gradient_accumulation_steps": 4,
+                "per_device_train_batch_size": 2,
+                "per_device_eval_batch_size": 16,
+                "learning_rate": 1e-3,
+                "max_steps": 100,
+                "seed": 7,
+                "data_seed": 7,
+                "logging_steps": 5,
+            },
+        ),
+        ({"training.lrScheduler": "constant_with_warmup", "training.warmupRatio": 0.25}, {"warmup_steps": 25}),
+        ({"training.lrScheduler": "constant", "training.warmupRatio": 0}, {"warmup_steps": 0}),
+        ({"training.maxGradNorm": 0}, {"max_grad_norm": 0.0}),  # clipping off
+    ],
+    ids=["defaults", "every-setting", "warmup-ratio", "no-warmup", "no-clipping"],
+)
+def test_training_arguments_follow_the_config(overrides, expected):
+    from kubetune_trainer.train import training_arguments
+
+    args = training_arguments(
+        _config(**overrides), precision="fp32", steps=100, has_validation=False, evaluate_first=True
+    )
+    got = {name: getattr(args, name) for name in expected}
+    got["lr_scheduler_type"] = getattr(got.get("lr_scheduler_type"), "value", got.get("lr_scheduler_type"))
+    assert {k: v for k, v in got.items() if k in expected} == expected
+    # Gradient checkpointing is the model's (apply_lora, non-reentrant), never Trainer's with its own kwargs.
+    assert args.gradient_checkpointing is False
+
+
+@pytest.mark.parametrize(
+    ("precision", "bf16", "fp16"), [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)]
+)
+def test_training_arguments_take_the_resolved_precision(precision, bf16, fp16):
+    from kubetune_trainer.train import training_arguments
+
+    args = training_arguments(_config(), precision=precision, steps=10, has_validation=True, evaluate_first=True)
+    assert (args.bf16, args.fp16) == (bf16, fp16)
+    assert args.eval_strategy == "steps" and args.eval_on_start is True
+
+
 def test_early_stopping_stops_when_validation_stops_improving(make_config):
     # An improvement must beat 100 nats, so the first evaluation after the start counts as none.
     cfg = make_config(
@@ -161,21 +248,41 @@ def test_the_best_adapter_is_restored_from_its_checkpoint(make_config):
 
 
 def test_gradient_accumulation_and_checkpointing_train(make_config):
+    steps, accumulation, batch = 3, 2, 4
     cfg = make_config(
         **{
-            "training.maxSteps": 3,
-            "training.batchSize": 4,
-            "training.gradientAccumulationSteps": 2,
+            "training.maxSteps": steps,
+            "training.batchSize": batch,
+            "training.gradientAccumulationSteps": accumulation,
             "training.gradientCheckpointing": True,
             "training.groupByLength": False,
             "dataset.validationSplit": 0,
         }
     )
-    result = run(cfg, sinks=[])
-    assert result.metrics["global_step"] == 3
+    recipe = setup(cfg, sinks=[])
+    base = recipe.model.get_base_model()
+    assert base.is_gradient_checkpointing
+    samples: list[int] = []
+    attention_calls: list[int] = []
+    hooks = [
+        recipe.model.register_forward_pre_hook(
+            lambda _m, _args, kwargs: samples.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        ),
+        # A pre-hook: the recomputation stops early, as soon as it has what backward needs.
+        base.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: attention_calls.append(1)),
+    ]
+    try:
+        metrics = train(recipe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    result = finish(recipe, metrics)
+    assert result.metrics["global_step"] == steps
     assert result.metrics["eval_loss"] is None
-    # 3 optimizer steps of 2 micro-batches of 4 samples each.
-    assert result.metrics["train_tokens"] > 0
+    micro_batches = steps * accumulation
+    assert samples == [batch] * micro_batches, "samples seen = steps x accumulation x batch"
+    # Checkpointed: backward runs each micro-batch's layers again to recompute their activations.
+    assert len(attention_calls) == 2 * micro_batches
     assert math.isfinite(result.metrics["train_loss_last"])
 
 

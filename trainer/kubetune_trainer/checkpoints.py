@@ -5,12 +5,16 @@ scheduler, RNG states, trainer_state.json), kubetune's own state, and `manifest.
 every file's size and sha256, the step, epoch, eval loss and the run's fingerprint.
 
 The write is atomic: Trainer writes into ``<dir>/.staging/checkpoint-N``; `commit`
-fsyncs every file, writes the manifest last, renames the directory to
-``<dir>/checkpoint-N`` and fsyncs the parent. A process killed at any point leaves
-either the previous set of checkpoints or the new one, never a half-written one that
-looks complete. `scan` trusts a checkpoint only if its manifest verifies, and moves
-anything else to ``<dir>/set-aside/`` with a note saying why: nothing is deleted
+fsyncs and hashes every file (one read each), writes the manifest last, renames the
+directory to ``<dir>/checkpoint-N`` and fsyncs the parent. A process killed at any point
+leaves either the previous set of checkpoints or the new one, never a half-written one
+that looks complete. `scan` trusts a checkpoint only if its manifest verifies (every field
+of the right type, the step matching the folder's name, the files' sizes and hashes), and
+moves anything else to ``<dir>/set-aside/`` with a note saying why: nothing is deleted
 silently. `prune` removes old complete checkpoints beyond the newest N and the best.
+
+Every directory that is deleted is first renamed to ``.deleting-*``, so a kill in the middle
+of a delete leaves a name `scan` knows to finish deleting, not a damaged checkpoint.
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import resource
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +42,32 @@ MANIFEST = "manifest.json"
 STATE = "kubetune_state.json"
 STAGING = ".staging"
 SET_ASIDE = "set-aside"
+REASON = "SET_ASIDE_REASON.txt"
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
+# checkpoint-N, and .replaced-checkpoint-N-PID (the old copy while a step is saved again)
+_STEP_IN_NAME = re.compile(rf"^(?:\.replaced-)?{PREFIX}(\d+)(?:-\d+)?$")
+_PROBE_BYTES = 1 << 20
 
-# Test hook: the path of a marker file; commit touches it and pauses before the manifest,
-# so a test can SIGKILL the process in the middle of a save.
-PAUSE_HOOK_ENV = "KUBETUNE_FAULT_PAUSE_IN_SAVE"
+
+class _FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Manifest(BaseModel):
+    """manifest.json, validated whole: a manifest with a field of the wrong type sets its
+    checkpoint aside like any other damage, instead of failing later on use."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)  # a newer writer may add fields
+    format: Literal[1]
+    step: int = Field(ge=0)
+    epoch: float = Field(ge=0, allow_inf_nan=False)
+    eval_loss: float | None = None
+    fingerprint: str
+    created: str = ""
+    files: dict[str, _FileEntry]
 
 
 @dataclass(frozen=True)
@@ -80,6 +108,28 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def _seal(file: Path, chunk: int = 1 << 20) -> dict[str, Any]:
+    """fsync a file and hash it in the same pass: one open, one read."""
+    digest = hashlib.sha256()
+    size = 0
+    with file.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+            size += len(block)
+        os.fsync(fh.fileno())
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def write_manifest(staging: Path, manifest: dict[str, Any]) -> None:
+    """The last write of a save: until it is in place the checkpoint does not count.
+    (Tests that kill a process in the middle of a save pause here.)"""
+    tmp = staging / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    fsync_path(tmp)
+    os.replace(tmp, staging / MANIFEST)
+    fsync_path(staging)
+
+
 def commit(
     staging: Path,
     root: Path,
@@ -92,32 +142,24 @@ def commit(
 ) -> Checkpoint:
     """Seal a staged checkpoint: kubetune state, fsync, manifest last, rename into place."""
     (staging / STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    entries = {}
-    for file in _files(staging):
-        fsync_path(file)
-        entries[file.relative_to(staging).as_posix()] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
-    for directory in sorted({f.parent for f in _files(staging)}, key=lambda p: len(p.parts), reverse=True):
+    files = _files(staging)
+    entries = {file.relative_to(staging).as_posix(): _seal(file) for file in files}
+    for directory in sorted({f.parent for f in files}, key=lambda p: len(p.parts), reverse=True):
         fsync_path(directory)
-
-    marker = os.environ.get(PAUSE_HOOK_ENV)
-    if marker:
-        Path(marker).write_text(str(step))
-        time.sleep(120)
-
-    manifest = {
-        "format": 1,
-        "step": step,
-        "epoch": epoch,
-        "eval_loss": eval_loss,
-        "fingerprint": fingerprint,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": entries,
-    }
-    tmp = staging / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    fsync_path(tmp)
-    os.replace(tmp, staging / MANIFEST)
-    fsync_path(staging)
+    if eval_loss is not None and not math.isfinite(eval_loss):
+        eval_loss = None  # manifest.json stays strict JSON; a NaN evaluation is no one's best
+    write_manifest(
+        staging,
+        {
+            "format": 1,
+            "step": step,
+            "epoch": epoch,
+            "eval_loss": eval_loss,
+            "fingerprint": fingerprint,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": entries,
+        },
+    )
 
     final = root / checkpoint_name(step)
     if final.exists():
@@ -126,7 +168,10 @@ def commit(
         old = root / f".replaced-{final.name}-{os.getpid()}"
         os.replace(final, old)
         os.replace(staging, final)
-        shutil.rmtree(old)
+        doomed = root / f".deleting-{old.name.lstrip('.')}"
+        os.replace(old, doomed)
+        fsync_path(root)
+        shutil.rmtree(doomed)
     else:
         os.replace(staging, final)
     with contextlib.suppress(OSError):
@@ -135,18 +180,40 @@ def commit(
     return Checkpoint(final, step, epoch, eval_loss, fingerprint)
 
 
-def lacks_space(directory: Path, size: int) -> bool:
-    """Whether `size` bytes can no longer be written in directory (full volume, quota, file size limit).
+def make_dirs(path: Path) -> None:
+    """mkdir -p that also makes the new directories durable: each new level's parent is fsynced,
+    so a power loss cannot forget checkpoints.dir along with the checkpoints in it."""
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        fsync_path(directory.parent)
 
-    Writers report a short write in their own words (torch's zip writer says "unexpected
-    pos"), so after a failed save the volume itself is asked.
+
+def lacks_space(directory: Path, need: int, largest_file: int = 0) -> bool:
+    """Whether the volume of `directory` has no room for `need` bytes, or a file of `largest_file`
+    bytes cannot be written (full volume, file size limit, quota).
+
+    Writers report a short write in their own words (torch's zip writer says "unexpected pos"),
+    so after a failed save the volume itself is asked: its free space, the process's file size
+    limit, and a small probe write for what neither shows (a quota already used up).
     """
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    if st.f_bavail * st.f_frsize < need:
+        return True
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY and limit < largest_file:
+        return True
     probe = directory / f".space-probe-{os.getpid()}"
-    block = b"\0" * (1 << 20)
     try:
         with probe.open("wb") as fh:
-            for start in range(0, size, len(block)):
-                fh.write(block[: min(len(block), size - start)])
+            fh.write(b"\0" * min(_PROBE_BYTES, max(need, 1)))
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:
@@ -165,18 +232,37 @@ def size_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def step_in_name(name: str) -> int | None:
+    """The step a checkpoint's folder name says (checkpoint-N, .replaced-checkpoint-N-PID)."""
+    m = _STEP_IN_NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _manifest_problem(error: ValidationError) -> str:
+    first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        return f"manifest.json is not valid JSON ({first['msg'].removeprefix('Invalid JSON: ')})"
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    more = f" and {error.error_count() - 1} more" if error.error_count() > 1 else ""
+    return f"manifest.json is invalid: {where}: {first['msg']}{more}"
+
+
 def verify(path: Path) -> tuple[Checkpoint | None, str]:
-    """(checkpoint, "") when the manifest lists exactly the files present, with their sizes
-    and hashes; (None, reason) otherwise."""
+    """(checkpoint, "") when the manifest is valid, its step is the folder's, and it lists exactly
+    the files present, with their sizes and hashes; (None, reason) otherwise."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return None, "no manifest.json: the save did not finish"
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files: dict[str, dict[str, Any]] = manifest["files"]
-        step = int(manifest["step"])
-    except (ValueError, KeyError, TypeError) as exc:
-        return None, f"manifest.json is unreadable ({exc})"
+        manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+    except ValidationError as exc:
+        return None, _manifest_problem(exc)
+    except OSError as exc:
+        return None, f"manifest.json is unreadable ({exc.strerror})"
+    named = step_in_name(path.name)
+    if named is not None and manifest.step != named:
+        return None, f"manifest.json says step {manifest.step}, the folder's name says {named}"
+    files = manifest.files
     present = {p.relative_to(path).as_posix() for p in _files(path)}
     if missing := sorted(set(files) - present):
         return None, f"missing file(s): {', '.join(missing)}"
@@ -184,25 +270,43 @@ def verify(path: Path) -> tuple[Checkpoint | None, str]:
         return None, f"file(s) not in the manifest: {', '.join(extra)}"
     for rel, entry in files.items():
         file = path / rel
-        if file.stat().st_size != entry.get("size"):
-            return None, f"{rel} is {file.stat().st_size} bytes, the manifest says {entry.get('size')}"
-        if sha256_file(file) != entry.get("sha256"):
+        if file.stat().st_size != entry.size:
+            return None, f"{rel} is {file.stat().st_size} bytes, the manifest says {entry.size}"
+        if sha256_file(file) != entry.sha256:
             return None, f"{rel} does not match its sha256 in the manifest"
-    eval_loss = manifest.get("eval_loss")
-    return Checkpoint(
-        path, step, float(manifest.get("epoch", 0.0)), eval_loss, str(manifest.get("fingerprint", ""))
-    ), ""
+    return Checkpoint(path, manifest.step, manifest.epoch, manifest.eval_loss, manifest.fingerprint), ""
+
+
+def _free_name(directory: Path, base: str) -> Path:
+    """base, or base-2, base-3, ...: the first name not taken in directory."""
+    target, n = directory / base, 1
+    while target.exists() or (directory / f"{target.name}.{REASON}").exists():
+        n += 1
+        target = directory / f"{base}-{n}"
+    return target
 
 
 def set_aside(root: Path, path: Path, reason: str) -> Path:
-    """Move a checkpoint that must not be used to <root>/set-aside/, with a note why."""
+    """Move a checkpoint that must not be used to <root>/set-aside/, with a note why.
+
+    The note is written before the move, so a kill between the two never leaves a set-aside
+    checkpoint without its reason (a kill before the move leaves it where it was, to be set
+    aside again by the next scan)."""
     target_dir = root / SET_ASIDE
-    target_dir.mkdir(parents=True, exist_ok=True)
+    if not target_dir.is_dir():
+        target_dir.mkdir(parents=True, exist_ok=True)
+        fsync_path(root)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = target_dir / f"{path.name.lstrip('.')}-{stamp}-{os.getpid()}"
+    target = _free_name(target_dir, f"{path.name.lstrip('.')}-{stamp}-{os.getpid()}")
+    note = path / REASON if path.is_dir() else target_dir / f"{target.name}.{REASON}"
+    try:
+        earlier = note.read_text(encoding="utf-8") if note.is_file() else ""
+        note.write_text(earlier + reason + "\n", encoding="utf-8")  # an interrupted set-aside's note stays first
+    except OSError as exc:  # a full volume, say: the move matters more, and the log has the reason
+        log.warning("Could not write %s: %s", note, exc.strerror)
     os.replace(path, target)
-    if target.is_dir():
-        (target / "SET_ASIDE_REASON.txt").write_text(reason + "\n", encoding="utf-8")
+    fsync_path(target_dir)
+    fsync_path(path.parent)
     log.warning("Set aside %s -> %s: %s", path, target, reason)
     return target
 
@@ -213,6 +317,7 @@ def _recover(root: Path, leftover: Path, why: str) -> None:
     checkpoint, reason = verify(leftover)
     if checkpoint is not None and not (root / checkpoint_name(checkpoint.step)).exists():
         os.replace(leftover, root / checkpoint_name(checkpoint.step))
+        fsync_path(root)
         log.warning("Recovered %s, complete but %s", checkpoint_name(checkpoint.step), why)
     else:
         set_aside(root, leftover, f"{why}; {reason or 'a verified copy of the same step is in place'}")
@@ -223,13 +328,14 @@ def scan(root: Path) -> list[Checkpoint]:
     if not root.is_dir():
         return []
     good: list[Checkpoint] = []
-    for doomed in root.glob(".deleting-*"):  # a prune interrupted by a kill: finish it
+    for doomed in root.glob(".deleting-*"):  # a delete interrupted by a kill: finish it
         shutil.rmtree(doomed)
     staging = root / STAGING
     if staging.is_dir():
         for leftover in sorted(staging.iterdir()):
             _recover(root, leftover, "an interrupted save left it in .staging")
         staging.rmdir()
+        fsync_path(root)
     for path in sorted(root.glob(".replaced-*")):
         _recover(root, path, "left over from replacing a checkpoint of the same step")
     for path in sorted(root.iterdir()):
@@ -257,11 +363,14 @@ def select_prunable(checkpoints: list[Checkpoint], keep: int, best_step: int | N
 def prune(checkpoints: list[Checkpoint], keep: int, best_step: int | None) -> list[Checkpoint]:
     """Delete old complete checkpoints; return those that remain."""
     doomed = select_prunable(checkpoints, keep, best_step)
-    for c in doomed:
-        # Renamed first, so a kill mid-delete leaves a name scan() knows to finish deleting.
-        trash = c.path.parent / f".deleting-{c.name}"
-        os.replace(c.path, trash)
-        shutil.rmtree(trash)
+    # Renamed first, so a kill mid-delete leaves a name scan() knows to finish deleting.
+    trash = [c.path.parent / f".deleting-{c.name}-{os.getpid()}" for c in doomed]
+    for c, path in zip(doomed, trash, strict=True):
+        os.replace(c.path, path)
+    if doomed:
+        fsync_path(doomed[0].path.parent)
+    for c, path in zip(doomed, trash, strict=True):
+        shutil.rmtree(path)
         log.info("Removed old checkpoint %s (keeping the newest %d and the best)", c.name, keep)
     gone = {c.path for c in doomed}
     return [c for c in checkpoints if c.path not in gone]

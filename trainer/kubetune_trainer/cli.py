@@ -3,6 +3,10 @@
 Heavy imports (torch, transformers) happen inside the commands, so `--help` and
 `fields` answer at once. A KubetuneError prints its message and exits with its code
 (ARCHITECTURE.md, contract 3); only a bug shows a traceback.
+
+SIGTERM and Ctrl-C are handled from the first line of `main`: in a container the trainer is
+PID 1, which ignores any signal it has no handler for. Until `run` takes over (it saves a
+checkpoint first while training), a signal stops the command at once with exit 143 (130).
 """
 
 from __future__ import annotations
@@ -11,15 +15,36 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from kubetune_trainer.contract import TERMINATION_LOG_ENV
-from kubetune_trainer.errors import KubetuneError
+from kubetune_trainer.errors import (
+    GRACE_EXPIRED_EXIT_CODE,
+    Interrupted,
+    KubetuneError,
+    Stopped,
+    leave_termination_message,
+)
 
 log = logging.getLogger("kubetune_trainer")
+
+EXIT_CODES = f"""exit codes:
+  0    done
+  2    invalid configuration or data (including a preflight check of the config, model or data):
+       the message names the setting, file and line; retrying cannot help
+  3    a preflight check of the environment failed (GPU, memory, disk)
+  4    training diverged (non-finite loss)
+  5    a volume is full
+  6    the GPU ran out of memory
+  {GRACE_EXPIRED_EXIT_CODE}   stopped by SIGTERM, but no checkpoint could be saved within checkpoints.graceSeconds;
+       a rerun resumes from the previous one
+  143  stopped by SIGTERM (130: Ctrl-C) after saving a checkpoint, or before there was anything to save"""
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -37,13 +62,16 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     from kubetune_trainer.model import Hardware
-    from kubetune_trainer.preflight import run_preflight
+    from kubetune_trainer.preflight import run_preflight, write_report
 
     report = run_preflight(cfg, hardware=Hardware.detect(), expect_gpus=args.expect_gpus, stage="run").report
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
-    if report.failed:
-        print(f"kubetune-train: preflight failed: {', '.join(c.name for c in report.failed)}", file=sys.stderr)
-    return report.exit_code()
+    write_report(report, Path(cfg.output.dir) / "preflight.json")
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif args.verbose or not report.failed:
+        print(report.render())
+    report.raise_if_failed()  # the failed checks, once, on stderr; exit 2 (config, data) or 3 (environment)
+    return 0
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -52,14 +80,52 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     from kubetune_trainer.model import Hardware, fetch_model
     from kubetune_trainer.preflight import run_preflight, write_report
+    from kubetune_trainer.sinks import Reporter, default_sinks
 
     fetch_model(cfg.model)
     pf = run_preflight(cfg, hardware=Hardware(cuda=False), expect_gpus=0, stage="prepare")
     write_report(pf.report, Path(cfg.output.dir) / "preflight.json")
-    log.info("Preflight (data and model):\n%s", pf.report.render())
+    reporter = Reporter(default_sinks(cfg))
+    try:
+        reporter.preflight(pf.report.to_dict())  # the TrainingRun's status.preflight, while it is Initializing
+    finally:
+        reporter.close()
+    if pf.report.failed:
+        log.debug("Preflight (data and model):\n%s", pf.report.render())
+    else:
+        log.info("Preflight (data and model):\n%s", pf.report.render())
     pf.report.raise_if_failed()
     if not cfg.dataset.prepared_dir:
         log.warning("dataset.preparedDir is not set: the data was checked but not saved for `run` to reuse")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from kubetune_trainer.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    from kubetune_trainer.evaluate import run_eval
+
+    run_eval(cfg, Path(args.adapter) if args.adapter else None, Path(args.out) if args.out else None)
+    return 0
+
+
+def _cmd_make_qa(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubetune_trainer.qa import make_qa
+
+    made = make_qa(
+        Path(args.records),
+        Path(args.template),
+        Path(args.out),
+        validation=args.validation_split,
+        test=args.test_split,
+        seed=args.seed,
+    )
+    print(made.describe())
+    snippet = yaml.safe_dump({"dataset": made.dataset_config()}, sort_keys=False)
+    print(f"Train on them with this in the config:\n{snippet}", end="")
     return 0
 
 
@@ -81,6 +147,8 @@ def _cmd_fields(args: argparse.Namespace) -> int:
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (the TrainConfig shape; see `kubetune-train fields`)")
+    # -v after the command works too (argparse.SUPPRESS: the global -v's value stands when absent)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument(
         "--set",
         action="append",
@@ -94,8 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune-train",
         description="LoRA fine-tuning from one config file, on a laptop or in a kubetune TrainingRun.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, library warnings included")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, library warnings and the full preflight table"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="train, evaluate and export an adapter as CONFIG says (resumes by default)")
@@ -109,7 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("preflight", help="check config, model, data, disk and GPU without training")
+    p = sub.add_parser(
+        "preflight",
+        help="check config, model, data, disk and GPU without training",
+        description="Check config, model, data, disk and GPU without training, and write output/preflight.json. "
+        "Prints the table when every check passes (with -v always), else only the failed checks. Exits 0 when "
+        "nothing failed (warnings never stop a run), 2 when the config or data must change (the checks config.*, "
+        "model.*, dataset.*), 3 when the environment failed (gpu.*, disk.*).",
+    )
     add_config_arguments(p)
     p.add_argument("--expect-gpus", type=int, default=0, metavar="N", help="fail unless N GPUs are visible")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -120,6 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(p)
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser(
+        "eval", help="evaluate an exported adapter and its base model on CONFIG's test split (eval.json)"
+    )
+    add_config_arguments(p)
+    p.add_argument("--adapter", metavar="DIR", help="the adapter's directory (default: the config's output.dir)")
+    p.add_argument("--out", metavar="DIR", help="where eval.json and predictions.jsonl go (default: the adapter's)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("make-qa", help="question/answer pairs from a table of records, split for training")
+    p.add_argument("records", help="a .csv (with a header) or .jsonl file of records")
+    p.add_argument("--template", required=True, metavar="FILE", help="YAML question templates with {field}s")
+    p.add_argument("--out", required=True, metavar="DIR", help="where train/validation/test.jsonl go")
+    p.add_argument("--validation-split", type=float, default=0.1, help="share of questions (default: %(default)s)")
+    p.add_argument("--test-split", type=float, default=0.1, help="share of questions (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the split (default: %(default)s)")
+    p.set_defaults(func=_cmd_make_qa)
 
     p = sub.add_parser(
         "quickstart", help="build a tiny model and QA data locally, fine-tune it on CPU and show what it learned"
@@ -169,18 +265,41 @@ def report_failure(error: KubetuneError) -> int:
     """Print the error; in a pod, also leave it as the container's termination message, which
     Kubernetes keeps in the pod status (the operator shows it in the TrainingRun)."""
     print(f"kubetune-train: error: {error}", file=sys.stderr)
-    path = os.environ.get(TERMINATION_LOG_ENV)
-    if path:
-        try:
-            Path(path).write_text(json.dumps({"reason": error.reason, "message": str(error)})[:4000])
-        except OSError as exc:
-            log.warning("could not write the termination message to %s: %s", path, exc)
+    leave_termination_message(error.reason, str(error))
     return error.exit_code
 
 
+def _stop_now(signum: int, frame: Any) -> None:
+    raise Stopped(signal.Signals(signum))
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and Ctrl-C raise Stopped until a command installs its own handling (train.run does)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _stop_now) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    with stop_on_signals():
+        try:
+            args = build_parser().parse_args(argv)
+            setup_logging(args.verbose)
+            return _main(args)
+        except Stopped as stopped:
+            error = Interrupted(f"Stopped by {stopped.signal.name} before there was anything to save.")
+            error.exit_code = stopped.exit_code
+            return report_failure(error)
+
+
+def _main(args: argparse.Namespace) -> int:
     from kubetune_trainer.errors import OutOfMemoryError, StorageFullError, disk_full_message
 
     try:

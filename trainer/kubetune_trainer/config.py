@@ -225,6 +225,28 @@ class EvaluationConfig(_Section):
         description="After each evaluation, append the N training samples with the highest loss since the "
         "previous one to output/high_loss_samples.jsonl; 0 turns this off.",
     )
+    generate: bool = Field(
+        True,
+        description="After training, also score greedy generations on the test split (prompt_completion and "
+        "chat data) by exact match, character and word error rate, BLEU and ROUGE-L.",
+    )
+    max_new_tokens: int = Field(
+        128,
+        ge=1,
+        description="Most tokens generated per test prompt; fewer when every reference is shorter (1.5 times the "
+        "longest reference, plus 8).",
+    )
+    max_generation_samples: int | None = Field(
+        500,
+        ge=1,
+        description="Generate for at most this many test samples (generation is the slow part); loss and "
+        "perplexity use the whole test split. Null: every sample.",
+    )
+    baseline: bool = Field(
+        True,
+        description="Evaluate the base model without the adapter on the same test split too, so eval.json shows "
+        "base and fine-tuned side by side with the deltas.",
+    )
 
 
 class CheckpointConfig(_Section):
@@ -279,7 +301,8 @@ class TrainConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="The LoRA adapter.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="The optimisation.")
     evaluation: EvaluationConfig = Field(
-        default_factory=EvaluationConfig, description="Validation during training and early stopping."
+        default_factory=EvaluationConfig,
+        description="Validation during training, early stopping, and the final evaluation on the test split.",
     )
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")

@@ -4,8 +4,11 @@ Three row formats are understood:
 
 - ``prompt_completion``: the loss covers the completion and the EOS token after it;
 - ``chat``: a list of ``{role, content}`` messages rendered with the tokenizer's chat
-  template; the loss covers the assistant turns (their text and end-of-turn tokens);
+  template; the loss covers the assistant turns (their text and end-of-turn tokens) and
+  the EOS after a final answer when the template does not end with it;
 - ``text``: the loss covers every token and the EOS appended to it.
+
+EOS is appended once: not when the text, or the tokenizer, already ends with it.
 
 Labels are -100 where no loss is taken. Padding is done per batch by position, never
 by token id, so an EOS stays a target even when the pad token is the EOS token.
@@ -98,82 +101,154 @@ def check_data_file(path: str, setting: str) -> str:
 
 
 def read_table(path: str, setting: str) -> datasets.Dataset:
-    """Load one local data file through `datasets`, with errors that name the file and line."""
+    """Load one local data file, with errors that name the file and line."""
     file = Path(path)
     builder = check_data_file(path, setting)
     empty = DataError(f"{setting}: {path} holds no rows. Add data to it or point the setting at another file.")
-    # datasets' JSON errors name neither line nor field; a plain pass over the file does.
-    if builder == "json" and _check_json_lines(file, setting) == 0:
-        raise empty
-    try:
-        ds = datasets.load_dataset(builder, data_files=str(file), split="train")
-    except Exception as exc:  # the libraries raise many types; all mean "unreadable file"
-        raise DataError(f"{setting}: cannot read {path}: {exc}. Check that the file is valid {builder}.") from None
+    if builder == "csv":
+        ds = _read_csv(file, setting)
+    else:
+        # datasets' JSON errors name neither line nor field; a plain pass over the file does.
+        if builder == "json" and _check_json_lines(file, setting) == 0:
+            raise empty
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(file), split="train")
+        except Exception as exc:  # the libraries raise many types; all mean "unreadable file"
+            raise DataError(
+                f"{setting}: cannot read {path}: {_root_cause(exc)}. Check that the file is valid {builder} "
+                "(write it again if it was cut short)."
+            ) from None
     if len(ds) == 0:
         raise empty
     return ds
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error's first line: datasets wraps the parser's own error in a generic one."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.rstrip(".")
+
+
 def _check_json_lines(file: Path, setting: str) -> int:
     """Raise on the first line that is not a JSON object; return the number of rows."""
+    return sum(1 for _ in _json_rows(file, setting))
+
+
+def _json_rows(file: Path, setting: str) -> Iterator[tuple[str, Any]]:
+    """('file:line', row) for each row of a JSON Lines file (or 'file: element i' of a JSON array),
+    with the types the file gives them."""
     try:
-        return _count_json_rows(file, setting)
-    except UnicodeDecodeError as exc:
-        line = file.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataError(f"{setting}: {file}:{line}: not UTF-8 text ({exc.reason}). Save the file as UTF-8.") from None
-
-
-def _count_json_rows(file: Path, setting: str) -> int:
-    with file.open(encoding="utf-8") as fh:
-        head = fh.read(1024).lstrip()
-    if head.startswith("["):  # a JSON array, not JSON Lines
-        try:
-            rows = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{setting}: {file}:{exc.lineno}: invalid JSON ({exc.msg}).") from None
-        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
-        if bad is not None:
-            raise DataError(f"{setting}: {file}: element {bad} of the array is not an object.")
-        return len(rows)
-    count = 0
-    with file.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{setting}: {file}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}). "
-                    "Each line must hold one JSON object."
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{setting}: {file}:{lineno}: expected a JSON object per line, found {type(row).__name__}."
-                )
-            count += 1
-    return count
-
-
-def row_locations(path: str, rows: int) -> list[str]:
-    """'file:line' of each row of a data file, for error messages (only built on the error path)."""
-    file = Path(path)
-    kind = FILE_TYPES.get(file.suffix.lower())
-    if kind == "json" and not file.read_text(encoding="utf-8").lstrip().startswith("["):
         with file.open(encoding="utf-8") as fh:
-            lines = [i for i, line in enumerate(fh, start=1) if line.strip()]
-        return [f"{path}:{n}" for n in lines[:rows]]
-    if kind == "csv":
-        with file.open(encoding="utf-8", newline="") as fh:
-            reader = csv.reader(fh)
-            next(reader, None)
-            starts, start = [], 2
-            for row in reader:
-                if row:  # blank lines are not rows, as for pandas
-                    starts.append(start)
-                start = reader.line_num + 1
-        return [f"{path}:{n}" for n in starts[:rows]]
-    return [f"{path} row {i}" for i in range(rows)]
+            head = fh.read(1024).lstrip()
+        if head.startswith("["):  # a JSON array, not JSON Lines
+            try:
+                rows = json.loads(file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{setting}: {file}:{exc.lineno}: invalid JSON ({exc.msg}).") from None
+            for i, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise DataError(f"{setting}: {file}: element {i} of the array is not an object.")
+                yield f"{file}: element {i}", row
+            return
+        with file.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(
+                        f"{setting}: {file}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}). "
+                        "Each line must hold one JSON object."
+                    ) from None
+                if not isinstance(row, dict):
+                    raise DataError(
+                        f"{setting}: {file}:{lineno}: expected a JSON object per line, found {type(row).__name__}."
+                    )
+                yield f"{file}:{lineno}", row
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(file, setting, exc) from None
+
+
+def _not_utf8(file: Path, setting: str, exc: UnicodeDecodeError) -> DataError:
+    # exc.start counts from the decoder's current chunk, not the file: find the line by decoding each.
+    with file.open("rb") as fh:
+        line = next((n for n, raw in enumerate(fh, start=1) if not _decodes(raw)), 1)
+    return DataError(f"{setting}: {file}:{line}: not UTF-8 text ({exc.reason}). Save the file as UTF-8.")
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _csv_records(file: Path, setting: str) -> Iterator[tuple[int, list[str]]]:
+    """(first line, fields) of each CSV record, the header first. Blank lines are not records;
+    a quoted value may span lines, so a record's line is where it starts."""
+    try:
+        with file.open(encoding="utf-8-sig", newline="") as fh:  # -sig: Excel starts its CSVs with a BOM
+            reader = csv.reader(fh, strict=True)
+            start = 1
+            try:
+                for fields in reader:
+                    if len(fields) > 1 or (fields and fields[0].strip()):
+                        yield start, fields
+                    start = reader.line_num + 1
+            except csv.Error as exc:
+                raise DataError(
+                    f"{setting}: {file}:{start}: not valid CSV ({exc}). Put values that hold commas, quotes or "
+                    'line breaks in double quotes, with inner quotes doubled ("say ""hi""").'
+                ) from None
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(file, setting, exc) from None
+
+
+def _read_csv(file: Path, setting: str) -> datasets.Dataset:
+    """Every column as text, read with the csv module rather than pandas: pandas guesses types (a
+    column of routing codes becomes int and loses its leading zeros) and its errors name no line.
+    An empty cell is a missing value."""
+    records = _csv_records(file, setting)
+    first = next(records, None)
+    if first is None:
+        return datasets.Dataset.from_dict({})
+    header_line, header = first
+    # pandas' name for a header cell left empty, as in the index column of DataFrame.to_csv()
+    names = [name or f"Unnamed: {i}" for i, name in enumerate(header)]
+    duplicate = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if duplicate is not None:
+        raise DataError(
+            f"{setting}: {file}:{header_line}: the header names column {duplicate!r} twice. Rename one of them."
+        )
+    columns: list[list[str | None]] = [[] for _ in names]
+    for line, fields in records:
+        if len(fields) != len(names):
+            values = f"{len(fields)} value" + ("s" if len(fields) != 1 else "")
+            raise DataError(
+                f"{setting}: {file}:{line}: {values}, but the header ({file}:{header_line}) names {len(names)} "
+                f"columns ({', '.join(names)}). Fix that line; put values that hold commas in double quotes."
+            )
+        for column, value in zip(columns, fields, strict=True):
+            column.append(value if value != "" else None)
+    features = datasets.Features({name: datasets.Value("string") for name in names})
+    return datasets.Dataset.from_dict(dict(zip(names, columns, strict=True)), features=features)
+
+
+def _row_location(path: str, index: int, setting: str) -> str:
+    """'file:line' of a CSV row, 'file row i' of a Parquet row (only built on the error path)."""
+    file = Path(path)
+    if FILE_TYPES.get(file.suffix.lower()) == "csv":
+        records = _csv_records(file, setting)
+        next(records, None)  # the header
+        line = next((line for i, (line, _) in enumerate(records) if i == index), None)
+        return f"{path}:{line}"
+    return f"{path} row {index}"
 
 
 # --------------------------------------------------------------------------- format detection and validation
@@ -249,16 +324,30 @@ def row_problem(row: dict[str, Any], fmt: str, cfg: DatasetConfig) -> str | None
 
 
 def validate_rows(ds: datasets.Dataset, fmt: str, cfg: DatasetConfig, path: str, setting: str) -> None:
+    """Raise if any of the len(ds) leading rows of path cannot be trained on: how many, and the first
+    few by line, so one fix-and-rerun cycle covers the whole file."""
     columns = required_columns(fmt, cfg)
-    values = {c: ds[c] for c in columns}
-    for i in range(len(ds)):
-        problem = row_problem({c: values[c][i] for c in columns}, fmt, cfg)
-        if problem:
-            where = row_locations(path, i + 1)[i]
-            raise DataError(
-                f"{setting}: {where}: {problem}. Fix or remove that row "
-                f"(format {fmt}; columns are set by dataset.{_field_setting(fmt)})."
-            )
+    problems: list[str] = []
+    if FILE_TYPES.get(Path(path).suffix.lower()) == "json":
+        # The file again, not ds: one non-string value makes datasets store the whole column as Json, and
+        # read back every string in it that parses as JSON (" 499858816") as a number.
+        for _, (where, row) in zip(range(len(ds)), _json_rows(Path(path), setting), strict=False):
+            if problem := row_problem({c: row.get(c) for c in columns}, fmt, cfg):
+                problems.append(f"{where}: {problem}")
+    else:
+        values = {c: ds[c] for c in columns}  # CSV: all text, as read; Parquet: the file's own types
+        for i in range(len(ds)):
+            if problem := row_problem({c: values[c][i] for c in columns}, fmt, cfg):
+                problems.append(f"{_row_location(path, i, setting)}: {problem}")
+    if not problems:
+        return
+    how = f"(format {fmt}; columns are set by dataset.{_field_setting(fmt)})"
+    if len(problems) == 1:
+        raise DataError(f"{setting}: {problems[0]}. Fix or remove that row {how}.")
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    raise DataError(
+        f"{setting}: {len(problems)} of {len(ds)} rows cannot be trained on: {shown}. Fix or remove those rows {how}."
+    )
 
 
 # --------------------------------------------------------------------------- splitting
@@ -325,15 +414,22 @@ def tokenize_prompt_completion(
     eos = tokenizer.eos_token_id
     inputs, labels = [], []
     for p, c in zip(prompt_ids, completion_ids, strict=True):
-        ids = [*p, *c, eos]
+        c = _with_eos(c, eos)
+        ids = [*p, *c]
         inputs.append(ids)
-        labels.append(list(ids) if train_on_prompt else [IGNORE_INDEX] * len(p) + [*c, eos])
+        labels.append(list(ids) if train_on_prompt else [IGNORE_INDEX] * len(p) + c)
     return inputs, labels
 
 
 def tokenize_text(texts: Sequence[str], tokenizer: Any) -> tuple[list[list[int]], list[list[int]]]:
-    ids = [[*t, tokenizer.eos_token_id] for t in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+    # A tokenizer that appends EOS itself (add_eos_token, a template post-processor) must not get a second.
+    ids = [_with_eos(t, tokenizer.eos_token_id) for t in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
     return ids, [list(t) for t in ids]
+
+
+def _with_eos(ids: list[int], eos: int) -> list[int]:
+    """ids ending with one EOS: appended unless the text (or the tokenizer) already ends with it."""
+    return list(ids) if ids and ids[-1] == eos else [*ids, eos]
 
 
 def assistant_spans(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
@@ -381,19 +477,42 @@ def tokenize_chat(
                 f"starts {first!r}. Fix that row (roles, their order) or use a model whose template accepts it."
             ) from None
     encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    eos = tokenizer.eos_token_id
     inputs, labels = [], []
-    for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True):
-        inputs.append(list(ids))
+    for messages, (text, spans), ids, offsets in zip(
+        conversations, rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True
+    ):
+        ids = list(ids)
         if train_on_prompt:
-            labels.append(list(ids))
-            continue
-        labels.append(
-            [
+            lab = list(ids)
+        else:
+            lab = [
                 tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
                 for tok, (start, _end) in zip(ids, offsets, strict=True)
             ]
-        )
+        if _needs_final_eos(messages, text, spans, tokenizer.eos_token, train_on_prompt):
+            ids.append(eos)
+            lab.append(eos)
+        inputs.append(ids)
+        labels.append(lab)
     return inputs, labels
+
+
+def _needs_final_eos(
+    messages: list[dict[str, str]], text: str, spans: list[tuple[int, int]], eos_token: str, train_on_prompt: bool
+) -> bool:
+    """Whether a conversation gets the tokenizer's EOS appended, as a target, after its final answer.
+
+    Templates end an assistant turn with their end-of-turn marker (ChatML's <|im_end|>), but generation
+    stops at the model's EOS, which for many bases is another token (<|endoftext|>): without it a chat
+    fine-tune never learns to stop, as prompt_completion and text data do. A template whose
+    end-of-turn marker is the EOS (Llama 3, Qwen instruct models) already ends with it and gets nothing.
+    Only after a final assistant turn that is learned: an EOS after a user turn, or after an answer
+    left out of the loss, would teach the model nothing it generates.
+    """
+    if messages[-1]["role"] != "assistant" or text.rstrip().endswith(eos_token):
+        return False
+    return train_on_prompt or (bool(spans) and spans[-1][1] >= len(text.rstrip()))
 
 
 def _tokenize_batch(
@@ -543,7 +662,7 @@ def data_fingerprint(cfg: DatasetConfig, tokenizer: Any) -> str:
         "dataset": cfg.model_dump(mode="json", exclude={"prepared_dir"}),
         "files": [file_signature(p) for p in (cfg.path, cfg.validation_path, cfg.test_path) if p],
         "tokenizer": tokenizer_signature(tokenizer),
-        "layout": 2,  # bump when the tokenized columns change
+        "layout": 3,  # bump when tokenization or the tokenized columns change
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

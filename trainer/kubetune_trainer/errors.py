@@ -8,7 +8,12 @@ the operator contract (ARCHITECTURE.md, contract 3)::
     ├── DivergedError        exit 4   the loss stopped being finite
     ├── StorageFullError     exit 5   the checkpoint or output volume is full
     ├── OutOfMemoryError     exit 6   the GPU ran out of memory
-    └── Interrupted          exit 143 stopped by SIGTERM after saving a checkpoint
+    └── Interrupted          exit 143 stopped by SIGTERM (130: Ctrl-C); nothing newer to save
+
+    Stopped (BaseException)           raised from the signal handler outside the training loop;
+                                      the run turns it into Interrupted
+    exit 75 (GRACE_EXPIRED_EXIT_CODE) no safe point within checkpoints.graceSeconds of SIGTERM:
+                                      the watchdog ended the process without a new checkpoint
 
 The CLI prints ``str(error)`` and exits with ``error.exit_code``; a user error never
 shows a traceback. Messages say what to change, not only what went wrong. ``reason``
@@ -16,18 +21,28 @@ is the machine-readable word the operator puts in the TrainingRun's status.
 
 Exits 5 and 6 extend the contract: retrying on a full volume, or with the same batch on
 the same GPU, cannot succeed and would hold the GPU to fail again, so the Job fails at
-once instead of retrying.
+once instead of retrying. Exit 75 (sysexits' EX_TEMPFAIL) keeps 143's promise ("stopped
+after saving") true: a retry resumes from the previous checkpoint, as after any crash.
 """
 
 from __future__ import annotations
 
 import errno
+import json
+import logging
+import os
 import signal
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
+
+from kubetune_trainer.contract import TERMINATION_LOG_ENV
 
 # Exit codes after a graceful stop, as a shell reports death by these signals (128 + signum).
 SIGNAL_EXIT_CODES: Mapping[signal.Signals, int] = MappingProxyType({signal.SIGTERM: 143, signal.SIGINT: 130})
+# The stop watchdog's exit: the grace period ran out before a safe point (no new checkpoint).
+GRACE_EXPIRED_EXIT_CODE = 75
+GRACE_EXPIRED_REASON = "StopTimedOut"
 
 
 class KubetuneError(Exception):
@@ -72,6 +87,32 @@ class OutOfMemoryError(KubetuneError):
 class Interrupted(KubetuneError):
     exit_code = 143
     reason = "Interrupted"
+
+
+class Stopped(BaseException):
+    """SIGTERM or Ctrl-C outside the training loop, raised from the signal handler.
+
+    A BaseException so that a library's ``except Exception`` cannot swallow it on its way out.
+    """
+
+    def __init__(self, signum: signal.Signals) -> None:
+        super().__init__(signum.name)
+        self.signal = signum
+
+    @property
+    def exit_code(self) -> int:
+        return SIGNAL_EXIT_CODES.get(self.signal, SIGNAL_EXIT_CODES[signal.SIGTERM])
+
+
+def leave_termination_message(reason: str, message: str) -> None:
+    """In a pod, leave the error as the container's termination message, which Kubernetes keeps
+    in the pod status (the operator shows it in the TrainingRun). Best effort."""
+    path = os.environ.get(TERMINATION_LOG_ENV)
+    if path:
+        try:
+            Path(path).write_text(json.dumps({"reason": reason, "message": message})[:4000])
+        except OSError as exc:  # the message is on stderr too, in the pod's log
+            logging.getLogger(__name__).warning("could not write the termination message to %s: %s", path, exc)
 
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

@@ -1,38 +1,421 @@
-"""Generation from a (possibly adapted) model, for samples and evaluation."""
+"""Evaluation of a run on its test split, beside the base model it started from.
+
+Both models are scored the same way, in one process, on the same rows:
+
+- loss and perplexity over every target token of the test split (the tokens training learns);
+- for prompt/completion and chat data, greedy generations for the prompts (the conversation up
+  to its last assistant turn), scored against the references by exact match, character and word
+  error rate (jiwer), BLEU (sacrebleu) and ROUGE-L (rouge-score).
+
+The base model is the same PeftModel with its adapter switched off (`disable_adapter`, which also
+switches off `modulesToSave` copies), so no second copy of the weights is loaded.
+
+`score_generations` and `compare` are pure; the rest runs models.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
+
+from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.data import IGNORE_INDEX, PaddingCollator, PreparedData
+from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.sinks import finite_or_none
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE, PREDICTIONS_FILE = "eval.json", "predictions.jsonl"
+# Every metric, and which way is better (for the deltas and for `kubetune compare`).
+HIGHER_IS_BETTER = {
+    "loss": False,
+    "perplexity": False,
+    "exact_match": True,
+    "cer": False,
+    "wer": False,
+    "bleu": True,
+    "rouge_l": True,
+}
+GENERATION_METRICS = ("exact_match", "cer", "wer", "bleu", "rouge_l")
+
+
+# --------------------------------------------------------------------------- pure scoring
+
+
+def normalize(text: str) -> str:
+    """What the scores compare: the text with surrounding whitespace and repeated spaces removed."""
+    return " ".join(text.split())
+
+
+def score_generations(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus-level scores of predictions against references, compared after `normalize`.
+
+    exact_match: share of identical answers. cer / wer: edit distance over characters / words,
+    summed over the corpus and divided by the reference length (0 is perfect; above 1 is possible).
+    bleu: sacrebleu's corpus BLEU, 0-100, over the n-gram orders the predictions have (effective order):
+    answers of one to three words have no 4-grams, and plain BLEU scores them 0 however right they are.
+    rouge_l: mean ROUGE-L F1, 0-1.
+    """
+    import jiwer
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
+
+    if len(predictions) != len(references) or not references:
+        raise ValueError(f"need as many predictions as references, and some: {len(predictions)} vs {len(references)}")
+    preds = [normalize(p) for p in predictions]
+    refs = [normalize(r) for r in references]
+    scored = [(r, p) for r, p in zip(refs, preds, strict=True) if r]  # jiwer refuses empty references
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    return {
+        "exact_match": sum(p == r for p, r in zip(preds, refs, strict=True)) / len(refs),
+        "cer": jiwer.cer([r for r, _ in scored], [p for _, p in scored]) if scored else 0.0,
+        "wer": jiwer.wer([r for r, _ in scored], [p for _, p in scored]) if scored else 0.0,
+        "bleu": BLEU(effective_order=True).corpus_score(preds, [refs]).score,
+        "rouge_l": sum(scorer.score(r, p)["rougeL"].fmeasure for r, p in zip(refs, preds, strict=True)) / len(refs),
+    }
+
+
+def compare(finetuned: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    """finetuned - base for every metric both have."""
+    return {k: finetuned[k] - base[k] for k in HIGHER_IS_BETTER if k in finetuned and k in base}
+
+
+def new_token_cap(reference_lengths: Sequence[int], limit: int) -> int:
+    """Tokens to generate: enough for the longest reference with room to spare, at most `limit`.
+    An answer much longer than every reference cannot score better, and generation is the slow part."""
+    longest = max(reference_lengths, default=0)
+    return max(1, min(limit, math.ceil(longest * 1.5) + 8))
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class GenerationTask:
+    """Prompts to complete and the references to score them against, with their test-row index."""
+
+    prompts: list[str]
+    references: list[str]
+    rows: list[int]
+    add_special_tokens: bool  # False for chat prompts: the template already has its special tokens
+
+
+def generation_task(data: PreparedData, cfg: TrainConfig, tokenizer: Any) -> GenerationTask | None:
+    """The test rows to generate for (None for plain text data, which has no answer to score)."""
+    rows = data.raw.get("test")
+    if rows is None or data.format == "text":
+        return None
+    d = cfg.dataset
+    limit = cfg.evaluation.max_generation_samples
+    chosen = range(len(rows)) if limit is None else range(min(limit, len(rows)))
+    prompts, references, kept = [], [], []
+    for i in chosen:
+        row = rows[i]
+        if data.format == "prompt_completion":
+            prompt, reference = row[d.prompt_field], row[d.completion_field]
+        else:
+            messages = row[d.messages_field]
+            last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last is None:
+                continue  # nothing to answer in this conversation
+            prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+            reference = messages[last]["content"]
+        prompts.append(prompt)
+        references.append(reference)
+        kept.append(i)
+    if not prompts:
+        return None
+    return GenerationTask(prompts, references, kept, add_special_tokens=data.format != "chat")
+
+
+def stop_token_ids(model: Any, tokenizer: Any, chat: bool) -> list[int]:
+    """EOS, the model's own end tokens, and for chat data the token that ends an assistant turn
+    (ChatML's <|im_end|>, Llama 3's <|eot_id|>), found by rendering a one-turn conversation."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    if chat:
+        marker = "kubetune-answer"
+        convo = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
+        try:
+            text = tokenizer.apply_chat_template(convo, tokenize=False)
+        except jinja2.TemplateError:  # a template that refuses this probe: EOS must do
+            text = ""
+        after = text[text.find(marker) + len(marker) :] if marker in text else ""
+        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1] if after.strip() else []
+        ids.update(t for t in first if t in special)
+    return sorted(i for i in ids if i is not None)
+
+
+# --------------------------------------------------------------------------- running models
 
 
 @torch.inference_mode()
 def generate_completions(
-    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 16
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    add_special_tokens: bool = True,
+    stop_ids: Sequence[int] | None = None,
 ) -> list[str]:
-    """Greedy completions of each prompt, batched with left padding, decoded without the prompt."""
+    """Greedy completions of each prompt, decoded without the prompt.
+
+    Prompts are batched in order of length with left padding, so a batch wastes little on
+    padding; the answers come back in the prompts' order."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
     device = next(model.parameters()).device
-    out: list[str] = []
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    out: list[str] = [""] * len(prompts)
+    eos = list(stop_ids) if stop_ids else tokenizer.eos_token_id
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+            ).to(device)
             generated = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                use_cache=True,  # training turns the model's cache off; generation needs it to be fast
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=eos,
             )
-            new_tokens = generated[:, enc["input_ids"].shape[1] :]
-            out.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            texts = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, text in zip(chunk, texts, strict=True):
+                out[i] = text
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+@torch.inference_mode()
+def token_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> tuple[float, int]:
+    """Mean cross-entropy over every target token of a tokenized split, and the number of tokens.
+
+    Summed per token, not averaged per batch, so the value does not depend on the batch size."""
+    was_training = model.training
+    model.eval()
+    collate = PaddingCollator(pad_token_id)
+    device = next(model.parameters()).device
+    order = sorted(range(len(dataset)), key=lambda i: dataset[i]["length"])  # little padding per batch
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = collate([dataset[i] for i in order[start : start + batch_size]])
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            logits = logits.logits[:, :-1].float()
+            labels = batch["labels"][:, 1:].to(device)
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
+            count += int((labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return (total / count if count else math.nan), count
+
+
+@contextmanager
+def adapter_disabled(model: Any) -> Iterator[None]:
+    """The base model: the adapter (and modulesToSave copies) switched off for the block."""
+    with model.disable_adapter():
+        yield
+
+
+@dataclass
+class EvalReport:
+    """What `evaluate` measured; eval.json is `to_dict()`, predictions.jsonl is `predictions`."""
+
+    split: str
+    samples: int
+    target_tokens: int
+    generated: int
+    max_new_tokens: int | None
+    finetuned: dict[str, float]
+    base: dict[str, float] | None
+    seconds: float
+    predictions: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    @property
+    def delta(self) -> dict[str, float] | None:
+        return compare(self.finetuned, self.base) if self.base is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("predictions")
+        out["delta"] = self.delta
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """The TrainingRun's status.evaluation share of it: camelCase, no predictions."""
+        from pydantic.alias_generators import to_camel
+
+        def camel(d: dict[str, float] | None) -> dict[str, float] | None:
+            return None if d is None else {to_camel(k): v for k, v in d.items()}
+
+        return {
+            "split": self.split,
+            "samples": self.samples,
+            "generated": self.generated,
+            "test": camel(self.finetuned),
+            "base": camel(self.base),
+            "delta": camel(self.delta),
+        }
+
+    def summary_lines(self, samples: int = 3) -> list[str]:
+        """A few lines for the log: the metrics side by side, then some predictions."""
+        lines = [f"Test split ({self.samples} samples, {self.generated} generated):"]
+        for name, value in self.finetuned.items():
+            if self.base is not None and name in self.base:
+                lines.append(f"  {name:<12} base {self.base[name]:>9.4f}  ->  fine-tuned {value:>9.4f}")
+            else:
+                lines.append(f"  {name:<12} {value:.4f}")
+        for p in self.predictions[:samples]:
+            lines.append(f"  reference {normalize(p['reference'])!r}  prediction {p['prediction']!r}")
+        return lines
+
+
+def evaluate(model: Any, tokenizer: Any, data: PreparedData, cfg: TrainConfig, *, baseline: bool) -> EvalReport:
+    """Score `model` (a PeftModel) on the test split, and the base model too when `baseline`."""
+    if data.test is None:
+        raise DataError(
+            "There is no test split to evaluate: set dataset.testSplit above 0 or give dataset.testPath.",
+            check="dataset.test",
+        )
+    started = time.monotonic()
+    e = cfg.evaluation
+    batch = e.batch_size or cfg.training.batch_size
+    task = generation_task(data, cfg, tokenizer) if e.generate else None
+    cap = None
+    if task is not None:
+        ref_tokens = tokenizer(task.references, add_special_tokens=False)["input_ids"]
+        cap = new_token_cap([len(t) for t in ref_tokens], e.max_new_tokens)
+        stops = stop_token_ids(model, tokenizer, chat=data.format == "chat")
+
+    def measure() -> tuple[dict[str, float], list[str] | None, int]:
+        loss, tokens = token_loss(model, data.test, tokenizer.pad_token_id, batch)
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+        predictions = None
+        if task is not None:
+            predictions = generate_completions(
+                model,
+                tokenizer,
+                task.prompts,
+                max_new_tokens=cap,
+                batch_size=batch,
+                add_special_tokens=task.add_special_tokens,
+                stop_ids=stops,
+            )
+            metrics.update(score_generations(predictions, task.references))
+        return metrics, predictions, tokens
+
+    tuned, tuned_predictions, tokens = measure()
+    base, base_predictions = None, None
+    if baseline:
+        with adapter_disabled(model) if hasattr(model, "disable_adapter") else nullcontext():
+            base, base_predictions, _ = measure()
+    predictions = []
+    if task is not None and tuned_predictions is not None:
+        for k, row in enumerate(task.rows):
+            record = {
+                "row": row,
+                "prompt": task.prompts[k],
+                "reference": task.references[k],
+                "prediction": normalize(tuned_predictions[k]),
+                "exact": normalize(tuned_predictions[k]) == normalize(task.references[k]),
+            }
+            if base_predictions is not None:
+                record["base_prediction"] = normalize(base_predictions[k])
+            predictions.append(record)
+    return EvalReport(
+        split="test",
+        samples=len(data.test),
+        target_tokens=tokens,
+        generated=len(task.prompts) if task is not None else 0,
+        max_new_tokens=cap,
+        finetuned=tuned,
+        base=base,
+        seconds=round(time.monotonic() - started, 3),
+        predictions=predictions,
+    )
+
+
+def write_report(report: EvalReport, out_dir: Path) -> None:
+    """eval.json and predictions.jsonl, each replaced atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = json.dumps(finite_or_none(report.to_dict()), indent=2, allow_nan=False) + "\n"
+    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in report.predictions)
+    for name, text in ((EVAL_FILE, body), (PREDICTIONS_FILE, lines)):
+        with tempfile.NamedTemporaryFile("w", dir=out_dir, prefix=f".{name}.", delete=False, encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(fh.name, out_dir / name)
+
+
+# --------------------------------------------------------------------------- an adapter from disk
+
+
+def load_adapter(base: Any, adapter_dir: Path, cfg: TrainConfig) -> Any:
+    """The exported adapter on the base model, or a ConfigError that says what does not match."""
+    from peft import PeftModel
+
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(
+            f"--adapter {adapter_dir}: no adapter_config.json there. Point it at a run's output.dir "
+            "(where adapter_model.safetensors is), or leave --adapter out to use this config's output.dir."
+        )
+    try:
+        trained_on = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--adapter {adapter_dir}: adapter_config.json is unreadable ({exc}).") from None
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+        raise ConfigError(
+            f"--adapter {adapter_dir} does not fit model.nameOrPath={cfg.model.name_or_path}: it was trained on "
+            f"{trained_on or 'another model'} ({detail[:300]}). Evaluate it with the config of the run that made "
+            "it, or set model.nameOrPath to its base model."
+        ) from None
+
+
+def run_eval(cfg: TrainConfig, adapter_dir: Path | None = None, out_dir: Path | None = None) -> EvalReport:
+    """`kubetune-train eval`: the run's test-split evaluation for an exported adapter (default: output.dir),
+    written beside it (or to out_dir)."""
+    from kubetune_trainer.data import prepare_or_load
+    from kubetune_trainer.model import Hardware, load_model, load_tokenizer, resolve_attention, resolve_precision
+
+    adapter_dir = adapter_dir or Path(cfg.output.dir)
+    hw = Hardware.detect()
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_or_load(cfg.dataset, tokenizer)
+    precision = resolve_precision(cfg.training.precision, hw)
+    base = load_model(cfg.model, precision, resolve_attention(cfg.model.attn_implementation, hw))
+    model = load_adapter(base.to("cuda" if hw.cuda else "cpu"), adapter_dir, cfg)
+    report = evaluate(model, tokenizer, data, cfg, baseline=cfg.evaluation.baseline)
+    write_report(report, out_dir or adapter_dir)
+    for line in report.summary_lines():
+        log.info("%s", line)
+    return report

@@ -2,8 +2,9 @@
 
 - SIGTERM (preemption, eviction, Job suspension) or Ctrl-C: `StopRequest` records it; the run saves
   a checkpoint at the next step end (or abandons an evaluation in progress and saves),
-  then exits 143 (130 for Ctrl-C). A watchdog exits anyway when the grace period runs out, so the
-  kubelet never has to SIGKILL a process in the middle of a write.
+  then exits 143 (130 for Ctrl-C). Outside the training loop it stops at once. A watchdog exits
+  (75) anyway when the grace period runs out, so the kubelet never has to SIGKILL a process in
+  the middle of a write.
 - Non-finite loss: `DivergenceGuard` skips the optimizer step (the weights stay finite)
   and stops the run as Diverged after `training.maxNonFiniteSteps` in a row.
 - `RunControl` combines these with the checkpoint schedule after every step; it runs
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -19,12 +21,19 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from kubetune_trainer.errors import (
+    GRACE_EXPIRED_EXIT_CODE,
+    GRACE_EXPIRED_REASON,
+    Stopped,
+    leave_termination_message,
+)
 from kubetune_trainer.errors import SIGNAL_EXIT_CODES as EXIT_CODES
 
 log = logging.getLogger(__name__)
@@ -34,15 +43,46 @@ class EvaluationAbandoned(Exception):
     """Raised inside an evaluation loop to leave it at once after SIGTERM."""
 
 
+def grace_shortfall(step_seconds: float, save_seconds: float, grace_seconds: float) -> str | None:
+    """Pure: a warning when the slowest step plus the slowest save would not fit in the grace period.
+
+    A SIGTERM that arrives as a step starts waits for that step and then for the save, so when
+    the two take longer than checkpoints.graceSeconds every stop ends in the watchdog, without a
+    checkpoint."""
+    need = step_seconds + save_seconds
+    if need <= grace_seconds:
+        return None
+    return (
+        f"a training step ({step_seconds:.1f}s) plus a checkpoint save ({save_seconds:.1f}s) take longer than "
+        f"checkpoints.graceSeconds={grace_seconds:g}s: a SIGTERM may end the run without a new checkpoint "
+        f"(exit {GRACE_EXPIRED_EXIT_CODE}). Raise checkpoints.graceSeconds above {math.ceil(need * 1.5)} (and the "
+        "pod's terminationGracePeriodSeconds above that), or make steps shorter (training.batchSize, "
+        "training.gradientAccumulationSteps)."
+    )
+
+
 class StopRequest:
     """SIGTERM (or a first Ctrl-C) seen by this process, and a watchdog bounding how long we take to obey.
 
+    Install it as early as the process starts: in a container the trainer is PID 1, and PID 1
+    ignores a signal it has no handler for, so without one the kubelet's SIGTERM goes unheard
+    until SIGKILL. Outside the training loop the handler raises `Stopped` at once (setup and the
+    final evaluation hold nothing a rerun cannot redo). Inside it (`at_safe_points`) it only
+    records the signal, and the loop saves a checkpoint at the next step end. Either way a
+    watchdog ends the process with exit 75 when checkpoints.graceSeconds pass first.
+
+    It also times steps and saves (what a stop waits for) and warns once when they do not fit.
     A second Ctrl-C interrupts at once, as a user at a terminal expects.
     """
 
     def __init__(self, grace_seconds: float) -> None:
         self.grace_seconds = grace_seconds
         self.signal: signal.Signals | None = None
+        self.longest_step = 0.0
+        self.save_seconds: list[float] = []  # each save: Trainer's write and kubetune's commit
+        self._save_started: float | None = None
+        self._warned = False
+        self._defer = False
         self._previous: dict[int, Any] = {}
 
     @property
@@ -64,30 +104,74 @@ class StopRequest:
             signal.signal(signum, previous)
         self._previous = {}
 
+    @contextlib.contextmanager
+    def at_safe_points(self) -> Iterator[None]:
+        """Inside: a signal is only recorded; the code inside checks `requested` and stops at a safe point."""
+        before, self._defer = self._defer, True
+        try:
+            yield
+        finally:
+            self._defer = before
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.requested:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             return
         self.signal = signal.Signals(signum)
+        threading.Thread(target=self._watchdog, name="stop-watchdog", daemon=True).start()
+        if self._defer:
+            log.warning(
+                "%s received: saving a checkpoint at the next safe point, then exiting %d (within %.0fs)",
+                self.signal.name,
+                self.exit_code,
+                self.grace_seconds,
+            )
+            return
         log.warning(
-            "%s received: saving a checkpoint at the next safe point, then exiting %d (within %.0fs)",
+            "%s received: stopping (exit %d); no training is under way, so nothing new to save",
             self.signal.name,
             self.exit_code,
-            self.grace_seconds,
         )
-        threading.Thread(target=self._watchdog, name="stop-watchdog", daemon=True).start()
+        raise Stopped(self.signal)
 
     def _watchdog(self) -> None:
         time.sleep(self.grace_seconds)
         # The main thread is stuck in a long step or save; a checkpoint could not be made in time.
-        sys.stderr.write(
-            f"kubetune-train: no safe point within checkpoints.graceSeconds={self.grace_seconds:g}s of "
-            f"{self.signal.name if self.signal else 'the signal'}; exiting without a new checkpoint "
-            "(the previous ones are intact).\n"
+        why = grace_shortfall(self.longest_step, max(self.save_seconds, default=0.0), self.grace_seconds)
+        message = (
+            f"no safe point within checkpoints.graceSeconds={self.grace_seconds:g}s of "
+            f"{self.signal.name if self.signal else 'the signal'}; exiting {GRACE_EXPIRED_EXIT_CODE} without a new "
+            "checkpoint (the previous ones are intact; a rerun resumes from the newest)."
+            + (f" On this machine {why}" if why else "")
         )
+        sys.stderr.write(f"kubetune-train: error: {message}\n")
         sys.stderr.flush()
-        os._exit(self.exit_code)
+        leave_termination_message(GRACE_EXPIRED_REASON, message)
+        os._exit(GRACE_EXPIRED_EXIT_CODE)
+
+    # -- what a stop waits for
+
+    def note_step(self, seconds: float) -> None:
+        self.longest_step = max(self.longest_step, seconds)
+        self._check_budget()
+
+    def save_begins(self) -> None:
+        self._save_started = time.monotonic()
+
+    def save_ends(self) -> None:
+        if self._save_started is not None:
+            self.save_seconds.append(time.monotonic() - self._save_started)
+            self._save_started = None
+            self._check_budget()
+
+    def _check_budget(self) -> None:
+        if self._warned or not self.save_seconds:
+            return
+        why = grace_shortfall(self.longest_step, max(self.save_seconds), self.grace_seconds)
+        if why:
+            self._warned = True
+            log.warning("On this machine %s", why)
 
 
 class DivergenceGuard:
@@ -98,6 +182,7 @@ class DivergenceGuard:
         # Under fp16 the GradScaler already skips steps with non-finite gradients.
         self.skip_update = skip_update
         self.consecutive = 0
+        self.total = 0  # non-finite steps over this process's run, for the progress records and alerts
         self.diverged_at: int | None = None
         self._bad: torch.Tensor | None = None
 
@@ -123,6 +208,7 @@ class DivergenceGuard:
             self.consecutive = 0
             return False
         self.consecutive += 1
+        self.total += 1
         if self.skip_update and model is not None:
             for p in model.parameters():
                 p.grad = None  # torch optimizers leave parameters without a gradient untouched
@@ -216,6 +302,8 @@ class RunControl(TrainerCallback):
         self.last_save_time = time.monotonic()
         self._evaluating = False
         self._training = False
+        self._step_started: float | None = None
+        self._steps_timed = 0
 
     def on_train_begin(
         self,
@@ -238,7 +326,14 @@ class RunControl(TrainerCallback):
         if self.guard.check_step(model, state.global_step + 1):
             control.should_training_stop = True
 
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        self._step_started = time.monotonic()
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        if self._step_started is not None:
+            self._steps_timed += 1
+            if self._steps_timed > 1:  # the first step of a process pays for warm-up (allocator, kernels)
+                self.stop.note_step(time.monotonic() - self._step_started)
         decision = decide_after_step(
             diverged=self.guard.diverged_at is not None,
             unhealthy=self.guard.consecutive > 0,

@@ -6,8 +6,11 @@ of a `Hardware` record, so they are tested without the hardware.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,8 @@ from typing import Any
 import peft
 import torch
 import transformers
+from peft.utils import ModulesToSaveWrapper
+from safetensors import SafetensorError, safe_open
 
 from kubetune_trainer.config import LoraConfig, ModelConfig
 from kubetune_trainer.errors import ConfigError
@@ -124,7 +129,50 @@ def load_model(cfg: ModelConfig, precision: str, attention: str) -> transformers
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(_load_failure("model", cfg, exc)) from None
+    except (SafetensorError, RuntimeError) as exc:
+        # A truncated or altered weights file (an interrupted download or copy). torch's RuntimeErrors
+        # also mean a GPU that failed or ran out of memory: those stay crashes unless a file is broken.
+        broken = next(((f, why) for f in _weight_files(cfg) if (why := weight_file_problem(f))), None)
+        if broken is None and isinstance(exc, RuntimeError):
+            raise
+        where, why = broken if broken else (None, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        raise ConfigError(
+            f"model.nameOrPath={cfg.name_or_path!r}: cannot load the model weights: "
+            f"{where or 'a weights file'} is unreadable ({why}); it is truncated or damaged. "
+            + (
+                "Copy or save the model there again."
+                if Path(cfg.name_or_path).is_dir()
+                else "Delete it from the Hugging Face cache (HF_HOME) and run prepare again to download it."
+            )
+        ) from None
     return model
+
+
+def weight_file_problem(path: Path) -> str | None:
+    """Why a weights file cannot be read, or None. Reads only headers and directories, not tensors."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt"):
+                pass  # the header is checked against the file size: a truncated file fails here
+        elif path.suffix == ".bin":
+            with zipfile.ZipFile(path):  # torch.save's format; a cut-off file has no central directory
+                pass
+    except (SafetensorError, zipfile.BadZipFile, OSError) as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def _weight_files(cfg: ModelConfig) -> list[Path]:
+    """The weights files of the model on disk: its directory, or its snapshot in the Hub cache."""
+    directory = Path(cfg.name_or_path)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            directory = Path(snapshot_download(cfg.name_or_path, revision=cfg.revision, local_files_only=True))
+        except Exception:  # not in the cache (or not a Hub id): no file to name
+            return []
+    return sorted(p for pattern in ("*.safetensors", "*.bin") for p in directory.glob(pattern))
 
 
 def _load_failure(what: str, cfg: ModelConfig, exc: Exception) -> str:
@@ -162,14 +210,74 @@ def apply_lora(model: transformers.PreTrainedModel, cfg: LoraConfig, gradient_ch
         # With frozen embeddings nothing before the first adapter requires grad; this keeps the graph alive.
         model.enable_input_require_grads()
     model.config.use_cache = False
+    return add_lora(model, cfg)
+
+
+def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> peft.PeftModel:
+    """peft.get_peft_model with every LoRA setting that matches no module refused (ConfigError).
+
+    peft raises only when no target module matches at all; one misspelt name in a list, or any
+    in modulesToSave, it ignores (at most a warning). Works on the meta device too (preflight)."""
+    # Named before peft adds its own layers (lora_A, base_layer, ...) to the model, in place.
+    linear, modules = _leaf_names(model, torch.nn.Linear), _leaf_names(model, torch.nn.Module)
     try:
-        return peft.get_peft_model(model, build_lora_config(cfg))
+        wrapped = peft.get_peft_model(model, build_lora_config(cfg))
     except ValueError as exc:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(
-            f"lora: {exc}. Linear layers in this model: {', '.join(names)}. Set lora.targetModules to some "
-            "of these, or to all-linear."
+            f"lora.targetModules: {str(exc).strip()} Linear layers in this model: {', '.join(linear)}. "
+            "Set lora.targetModules to some of these, or to all-linear.",
+            check=LORA_CHECK,
         ) from None
+    problems = unmatched_lora_modules(
+        cfg,
+        adapted=wrapped.base_model.targeted_module_names,
+        saved=[name for name, m in wrapped.named_modules() if isinstance(m, ModulesToSaveWrapper)],
+        linear=linear,
+        modules=modules,
+    )
+    if problems:
+        raise ConfigError(" ".join(problems), check=LORA_CHECK)
+    return wrapped
+
+
+LORA_CHECK = "model.target_modules"  # the preflight check these errors belong to
+
+
+def unmatched_lora_modules(
+    cfg: LoraConfig, *, adapted: Sequence[str], saved: Sequence[str], linear: Sequence[str], modules: Sequence[str]
+) -> list[str]:
+    """One message per lora.targetModules / lora.modulesToSave entry that matched no module. Pure.
+
+    adapted: the modules peft put LoRA on; saved: those it wrapped to train in full; linear and
+    modules: the base model's layer names, for suggestions. Matching is peft's: a target entry is a
+    module's full name or its last dotted parts; a modulesToSave entry, any ending of the name.
+    """
+    problems = []
+    if cfg.target_modules != ["all-linear"]:
+        for i, entry in enumerate(cfg.target_modules):
+            if not any(name == entry or name.endswith(f".{entry}") for name in adapted):
+                problems.append(
+                    f"lora.targetModules[{i}]={entry!r} matches no layer of this model{_did_you_mean(entry, linear)}"
+                    f" Linear layers in this model: {', '.join(linear)}."
+                )
+    for i, entry in enumerate(cfg.modules_to_save):
+        if not any(name.endswith(entry) for name in saved):
+            problems.append(
+                f"lora.modulesToSave[{i}]={entry!r} matches no module of this model{_did_you_mean(entry, modules)}"
+                f" Modules in this model: {', '.join(modules)}."
+            )
+    return problems
+
+
+def _did_you_mean(entry: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], names, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else "."
+
+
+def _leaf_names(model: torch.nn.Module, kind: type[torch.nn.Module]) -> list[str]:
+    """The distinct last parts of the names of model's modules of a kind (layer indices left out)."""
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, kind)}
+    return sorted(n for n in names if not n.isdigit())
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -5,8 +5,11 @@ message that says what to change, and the numbers behind it); `run_preflight` ga
 the facts (config, model metadata on the meta device, data, disk, GPU) and keeps the
 objects it built (tokenizer, tokenized data) for the run that follows.
 
-A failing check whose fix is in the config or the data (`input_error`) makes the run
-exit 2, like any invalid configuration; any other failure (GPU, memory, disk) exits 3.
+Exit codes: a failing check whose fix is in the config or the data (`input_error`: steps,
+warmup, dataset, model, tokenizer, target modules) makes the run exit 2, like any invalid
+configuration (the trainer contract: the Job must not retry); a failure of the environment
+(GPU, memory, disk) exits 3. A check that cannot run because an earlier one failed is
+reported as "skipped: needs ..." (status warn) rather than left out.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ class Check:
     input_error: bool = False
 
 
+def skipped(name: str, needs: str, detail: str = "", **data: Any) -> Check:
+    """A check that could not run because what it needs failed: said, not left out."""
+    return Check(name, "warn", f"skipped: needs {needs}{'; ' + detail if detail else ''}", {"skipped": True, **data})
+
+
 @dataclass
 class Report:
     checks: list[Check] = field(default_factory=list)
@@ -53,6 +61,10 @@ class Report:
     @property
     def failed(self) -> list[Check]:
         return [c for c in self.checks if c.status == "fail"]
+
+    @property
+    def warnings(self) -> list[Check]:
+        return [c for c in self.checks if c.status == "warn"]
 
     def exit_code(self) -> int:
         if not self.failed:
@@ -70,17 +82,23 @@ class Report:
         width = max((len(c.name) for c in self.checks), default=10)
         return "\n".join(f"  {c.status.upper():4}  {c.name:<{width}}  {c.message}" for c in self.checks)
 
-    def raise_if_failed(self) -> None:
-        """ConfigError (exit 2) when the config or data must change, else PreflightError (exit 3)."""
-        if not self.failed:
-            return
-        message = (
-            "Preflight failed:\n"
+    def summary(self) -> str:
+        """The failed checks only, and how many warnings: what a user must act on, once."""
+        warned = len(self.warnings)
+        counts = f"{len(self.failed)} of {len(self.checks)} checks failed" + (
+            f", {warned} warning{'s' if warned != 1 else ''}" if warned else ""
+        )
+        return (
+            f"Preflight failed ({counts}; -v or output/preflight.json shows all):\n"
             + "\n".join(f"  {c.name}: {c.message}" for c in self.failed)
             + "\nNothing was trained; fix the above and run again (`kubetune-train preflight CONFIG` "
             "checks without training)."
         )
-        raise (ConfigError if self.exit_code() == 2 else PreflightError)(message)
+
+    def raise_if_failed(self) -> None:
+        """ConfigError (exit 2) when the config or data must change, else PreflightError (exit 3)."""
+        if self.failed:
+            raise (ConfigError if self.exit_code() == 2 else PreflightError)(self.summary())
 
 
 # --------------------------------------------------------------------------- facts
@@ -96,30 +114,52 @@ class ModelInfo:
 
 
 def estimate_memory(
-    info: ModelInfo, *, precision: str, batch_size: int, seq_len: int, gradient_checkpointing: bool
+    info: ModelInfo,
+    *,
+    precision: str,
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    eval_batch_size: int | None = None,
+    eval_seq_len: int | None = None,
 ) -> dict[str, int]:
-    """Bytes a LoRA training step needs on the device, by part (a planning estimate, not a promise).
+    """Bytes the peak of a LoRA run needs on the device, by part (a planning estimate, not a promise).
 
     Activations follow Korthikanti et al. (2022) with fused attention: about 34 bytes per token
     per hidden unit per layer at 16 bits (2 per layer when checkpointing, plus one layer in full);
     the logits and the loss's float32 temporaries take batch x seq x vocab x (width + 8) bytes.
+    An evaluation batch (evaluation.batchSize, often larger) keeps no activations for a backward
+    pass, only the layer in flight, but its logits can be the peak. The total is the resident
+    parts plus the larger of the training step (activations, logits) and the evaluation step
+    (eval_activations, eval_logits).
     """
     width = 2 if precision in ("bf16", "fp16") else 4
+
+    def layer(tokens: int) -> int:
+        return 34 * tokens * info.hidden_size * width // 2
+
+    def logits(tokens: int) -> int:
+        return tokens * info.vocab_size * (width + 8)
+
     tokens = batch_size * seq_len
-    per_layer = 34 * tokens * info.hidden_size * width // 2
     activations = (
-        (2 * tokens * info.hidden_size * width * info.layers + per_layer)
+        (2 * tokens * info.hidden_size * width * info.layers + layer(tokens))
         if gradient_checkpointing
-        else (per_layer * info.layers)
+        else (layer(tokens) * info.layers)
     )
+    eval_tokens = (eval_batch_size or batch_size) * (eval_seq_len or seq_len)
     parts = {
         "weights": info.parameters * (2 if precision == "bf16" else 4),
         "adapter_and_optimizer": info.trainable * 16,  # fp32 weights, gradients, Adam's two moments
         "activations": activations,
-        "logits": tokens * info.vocab_size * (width + 8),
+        "logits": logits(tokens),
+        "eval_activations": layer(eval_tokens),
+        "eval_logits": logits(eval_tokens),
         "runtime": 600 * MiB,  # CUDA context, allocator slack
     }
-    parts["total"] = sum(parts.values())
+    resident = parts["weights"] + parts["adapter_and_optimizer"] + parts["runtime"]
+    step = max(parts["activations"] + parts["logits"], parts["eval_activations"] + parts["eval_logits"])
+    parts["total"] = resident + step
     return parts
 
 
@@ -218,13 +258,12 @@ def check_memory(estimate: dict[str, int], free: int, total: int) -> Check:
     text = f"needs about {need / GiB:.1f} GiB of {free / GiB:.1f} GiB free"
     if need > free:
         biggest = max((k for k in estimate if k != "total"), key=estimate.get)
-        return Check(
-            "gpu.memory",
-            "fail",
-            f"{text} (largest part: {biggest}); lower training.batchSize or "
-            "dataset.maxSeqLength, or set training.gradientCheckpointing: true",
-            data,
+        fix = (
+            "lower evaluation.batchSize or dataset.maxSeqLength"
+            if biggest.startswith("eval_")
+            else "lower training.batchSize or dataset.maxSeqLength, or set training.gradientCheckpointing: true"
         )
+        return Check("gpu.memory", "fail", f"{text} (largest part: {biggest}); {fix}", data)
     if need > 0.85 * free:
         return Check("gpu.memory", "warn", f"{text}: little headroom, an unusually long batch may not fit", data)
     return Check("gpu.memory", "pass", text, data)
@@ -341,11 +380,10 @@ class Preflight:
 
 def model_info(cfg: TrainConfig) -> ModelInfo:
     """Parameter counts of the model with its adapter, built on the meta device: no weights are read."""
-    import peft
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kubetune_trainer.model import build_lora_config
+    from kubetune_trainer.model import add_lora
 
     m = cfg.model
     try:
@@ -358,15 +396,7 @@ def model_info(cfg: TrainConfig) -> ModelInfo:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    try:
-        wrapped = peft.get_peft_model(model, build_lora_config(cfg.lora))
-    except ValueError as exc:
-        import torch
-
-        names = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
-        raise ConfigError(
-            f"lora.targetModules: {exc} Linear layers in this model: {', '.join(names)}.", check="model.target_modules"
-        ) from None
+    wrapped = add_lora(model, cfg.lora)  # every targetModules / modulesToSave entry must match a module
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     return ModelInfo(
         parameters=total,
@@ -379,7 +409,7 @@ def model_info(cfg: TrainConfig) -> ModelInfo:
 
 def _writable(path: Path) -> str | None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        checkpoints.make_dirs(path)  # created durably: the run's checkpoints go there
         with tempfile.NamedTemporaryFile(dir=path, prefix=".preflight-"):
             pass
     except OSError as exc:
@@ -428,6 +458,10 @@ def run_preflight(cfg: TrainConfig, *, hardware: Any, expect_gpus: int, stage: s
     if pf.tokenizer is not None:
         report.add(Check("model.tokenizer", "pass", f"{len(pf.tokenizer):,} tokens"))
         pf.data = _guard(report, "dataset", lambda: prepare_or_load(cfg.dataset, pf.tokenizer))
+        if pf.data is None:
+            report.add(skipped("config.steps", "the data", "steps per epoch follow from the training rows"))
+    else:
+        report.add(skipped("dataset", "the tokenizer", "the data is tokenized to check it"))
     if pf.data is not None:
         stats = pf.data.summary()
         if pf.data.format == "chat":
@@ -443,34 +477,7 @@ def run_preflight(cfg: TrainConfig, *, hardware: Any, expect_gpus: int, stage: s
         )
         report.add(*check_steps(cfg, stats["train"]["rows"]))
 
-    if pf.model_info is not None:
-        ckpt, export = checkpoint_bytes(pf.model_info), export_bytes(pf.model_info)
-        # Checkpoints: one kept while the next is written, at least; the newest `keep`, the best
-        # and one in flight, ideally.
-        for name, setting, path, minimum, want in (
-            (
-                "disk.checkpoints",
-                "checkpoints.dir",
-                Path(cfg.checkpoints.dir),
-                2 * ckpt,
-                (cfg.checkpoints.keep + 2) * ckpt,
-            ),
-            ("disk.output", "output.dir", Path(cfg.output.dir), export, 2 * export),
-        ):
-            problem = _writable(path)
-            free = None if problem else _free_bytes(path)
-            report.add(check_disk(name, setting, path, minimum=minimum, want=want, free=free, writable=problem))
-        aside = checkpoints.set_aside_bytes(Path(cfg.checkpoints.dir))
-        if aside:
-            report.add(
-                Check(
-                    "disk.set_aside",
-                    "warn",
-                    f"{_mib(aside)} of checkpoints set aside in {Path(cfg.checkpoints.dir) / checkpoints.SET_ASIDE} "
-                    "(unverifiable ones; each has a SET_ASIDE_REASON.txt): delete them once you no longer need them",
-                    {"bytes": aside},
-                )
-            )
+    report.add(*_disk_checks(cfg, pf.model_info))
 
     if stage == "run":
         report.add(*check_gpu(hardware, expect_gpus))
@@ -480,19 +487,63 @@ def run_preflight(cfg: TrainConfig, *, hardware: Any, expect_gpus: int, stage: s
         )
         if pf.precision is not None:
             report.add(Check("gpu.precision", "pass", f"{pf.precision}, attention {pf.attention}"))
-        if hardware.cuda and pf.model_info is not None and pf.precision is not None and pf.data is not None:
-            import torch
+        if hardware.cuda and pf.precision is not None:
+            if pf.model_info is None:
+                report.add(skipped("gpu.memory", "the model config"))
+            else:
+                import torch
 
-            free, total = torch.cuda.mem_get_info()
-            estimate = estimate_memory(
-                pf.model_info,
-                precision=pf.precision,
-                batch_size=cfg.training.batch_size,
-                seq_len=pf.data.stats["train"].max_length,
-                gradient_checkpointing=cfg.training.gradient_checkpointing,
-            )
-            report.add(check_memory(estimate, free, total))
+                free, total = torch.cuda.mem_get_info()
+                report.add(check_memory(_estimate(cfg, pf), free, total))
     return pf
+
+
+def _estimate(cfg: TrainConfig, pf: Preflight) -> dict[str, int]:
+    """The memory estimate for this config, at the data's longest samples (maxSeqLength without data)."""
+    assert pf.model_info is not None and pf.precision is not None
+    stats = pf.data.stats if pf.data is not None else {}
+    train_len = stats["train"].max_length if "train" in stats else cfg.dataset.max_seq_length
+    eval_lens = [stats[split].max_length for split in ("validation", "test") if split in stats]
+    return estimate_memory(
+        pf.model_info,
+        precision=pf.precision,
+        batch_size=cfg.training.batch_size,
+        seq_len=train_len,
+        gradient_checkpointing=cfg.training.gradient_checkpointing,
+        eval_batch_size=cfg.evaluation.batch_size or cfg.training.batch_size,
+        eval_seq_len=max(eval_lens) if eval_lens else train_len,
+    )
+
+
+def _disk_checks(cfg: TrainConfig, info: ModelInfo | None) -> list[Check]:
+    """Writable, and room for the checkpoints kept (one kept while the next is written, at least; the
+    newest `keep`, the best and one in flight, ideally) and the export. Without the model config the
+    sizes are unknown: writability is still checked, and the size check says it was skipped."""
+    ckpt = checkpoint_bytes(info) if info is not None else 0
+    export = export_bytes(info) if info is not None else 0
+    checks = []
+    for name, setting, path, minimum, want in (
+        ("disk.checkpoints", "checkpoints.dir", Path(cfg.checkpoints.dir), 2 * ckpt, (cfg.checkpoints.keep + 2) * ckpt),
+        ("disk.output", "output.dir", Path(cfg.output.dir), export, 2 * export),
+    ):
+        problem = _writable(path)
+        free = None if problem else _free_bytes(path)
+        if info is None and not problem:
+            checks.append(skipped(name, "the model config", f"{setting}={path} is writable, {_mib(free or 0)} free"))
+        else:
+            checks.append(check_disk(name, setting, path, minimum=minimum, want=want, free=free, writable=problem))
+    aside = checkpoints.set_aside_bytes(Path(cfg.checkpoints.dir))
+    if aside:
+        checks.append(
+            Check(
+                "disk.set_aside",
+                "warn",
+                f"{_mib(aside)} of checkpoints set aside in {Path(cfg.checkpoints.dir) / checkpoints.SET_ASIDE} "
+                "(unverifiable ones; each has a SET_ASIDE_REASON.txt): delete them once you no longer need them",
+                {"bytes": aside},
+            )
+        )
+    return checks
 
 
 def write_report(report: Report, path: Path) -> None:

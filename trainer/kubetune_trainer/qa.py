@@ -1,19 +1,45 @@
-"""Question/answer pairs from tabular records, in the prompt/completion format.
+"""Question/answer pairs from tabular records, in the prompt/completion format the trainer reads.
 
-A template names a question type (exact lookup, paraphrase, reverse lookup, natural
-request) and gives a question and an answer with ``{field}`` placeholders filled from
-each record.
+`kubetune-train make-qa RECORDS --template FILE --out DIR`: each record (a CSV row or a JSONL
+object) fills each template's ``{field}`` placeholders, giving one pair per record and template.
+A template file is YAML::
+
+    promptFormat: "Question: {question}\\nAnswer:"     # optional; this is the default
+    templates:
+      - kind: exact                                   # exact lookup
+        question: What is the routing code of the {branch} branch?
+        answer: "{routing_code}"
+      - kind: reverse                                 # reverse lookup
+        question: Which branch has routing code {routing_code}?
+        answer: "{branch}"
+
+Pairs are deduplicated, then split into train/validation/test by their question: every copy of
+a question, whatever its answer, lands in one split, so no test question is ever seen in
+training. (Facts are shared on purpose: a paraphrased or reverse question about a record whose
+exact question was trained on is what a lookup model is evaluated on.)
 """
 
 from __future__ import annotations
 
+import csv
+import itertools
+import json
+import math
+import random
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from kubetune_trainer.errors import DataError
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from kubetune_trainer.errors import ConfigError, DataError
 
 PROMPT_FORMAT = "Question: {question}\nAnswer:"
+SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
+MARKER = ".made-by-kubetune-make-qa"
 
 
 @dataclass(frozen=True)
@@ -23,13 +49,110 @@ class QATemplate:
     answer: str
 
     def fields(self) -> set[str]:
-        return {
-            name for text in (self.question, self.answer) for _, name, _, _ in string.Formatter().parse(text) if name
-        }
+        """The record fields the template uses; a ConfigError for a malformed placeholder."""
+        names = set()
+        for text in (self.question, self.answer):
+            try:
+                names |= {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+            except ValueError as exc:
+                raise ConfigError(
+                    f"template {self.kind!r}: {exc} in {text!r}; placeholders look like {{field}}."
+                ) from None
+        if "" in names or any(not n.isidentifier() for n in names):
+            raise ConfigError(f"template {self.kind!r}: placeholders must name a record field, like {{branch}}.")
+        return names
+
+
+class _TemplateSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, validate_by_name=True)
+    kind: str = Field(min_length=1, description="Question type: exact, paraphrased, reverse, natural, ...")
+    question: str = Field(min_length=1, description="The question, with {field} placeholders.")
+    answer: str = Field(min_length=1, description="The answer, with {field} placeholders.")
+
+
+class TemplateFile(BaseModel):
+    """The shape of a `--template` file."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, validate_by_name=True)
+    prompt_format: str = Field(PROMPT_FORMAT, description="How a question becomes a prompt; has {question}.")
+    templates: list[_TemplateSpec] = Field(min_length=1, description="One entry per question type.")
+
+    def to_templates(self) -> list[QATemplate]:
+        return [QATemplate(t.kind, t.question, t.answer) for t in self.templates]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_template_file(path: Path) -> TemplateFile:
+    from kubetune_trainer.config import _explain  # the config's own messages: file, line, setting
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--template {path}: cannot read it ({exc.strerror}).") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"--template {path}:{mark.line + 1 if mark else '?'}: not valid YAML.") from None
+    if isinstance(raw, list):  # a bare list of templates is fine too
+        raw = {"templates": raw}
+    try:
+        spec = TemplateFile.model_validate(raw if raw is not None else {})
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, TemplateFile, f"--template {path}", yaml.compose(text), ())) from None
+    if "{question}" not in spec.prompt_format:
+        raise ConfigError(f"--template {path}: promptFormat must contain {{question}}.")
+    return spec
+
+
+def read_records(path: Path) -> list[dict[str, str]]:
+    """Records from a CSV (header row) or JSONL file, every value as text."""
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DataError(f"RECORDS {path}: no such file. Give a .csv or .jsonl file of records.")
+    records: list[dict[str, str]] = []
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            for row in reader:
+                if not row:
+                    continue  # a blank line
+                if len(row) != len(header):
+                    raise DataError(
+                        f"{path}:{reader.line_num}: {len(row)} columns where the header has {len(header)}. "
+                        "Fix that line."
+                    )
+                records.append(dict(zip(header, row, strict=True)))
+    elif suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg}). Fix that line.") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{line_no}: a record must be a JSON object, found {type(obj).__name__}.")
+                records.append({k: "" if v is None else str(v) for k, v in obj.items()})
+    else:
+        raise DataError(f"RECORDS {path}: unknown file type {suffix or '(none)'}; use .csv or .jsonl.")
+    if not records:
+        raise DataError(f"RECORDS {path} holds no records; add rows below the header.")
+    return records
+
+
+# --------------------------------------------------------------------------- pure
 
 
 def render_pairs(
-    records: Sequence[Mapping[str, object]], templates: Iterable[QATemplate], source: str = "records"
+    records: Sequence[Mapping[str, object]],
+    templates: Iterable[QATemplate],
+    source: str = "records",
+    prompt_format: str = PROMPT_FORMAT,
 ) -> list[dict[str, str]]:
     """One pair per record and template, duplicates removed, in a stable order."""
     templates = list(templates)
@@ -46,10 +169,109 @@ def render_pairs(
     for record in records:
         values = {k: str(v) for k, v in record.items()}
         for t in templates:
-            prompt = PROMPT_FORMAT.format(question=t.question.format(**values))
+            prompt = prompt_format.format(question=t.question.format(**values))
             completion = " " + t.answer.format(**values)
             if (prompt, completion) in seen:
                 continue
             seen.add((prompt, completion))
             pairs.append({"prompt": prompt, "completion": completion, "kind": t.kind})
     return pairs
+
+
+def split_pairs(
+    pairs: Sequence[dict[str, str]], validation: float, test: float, seed: int
+) -> dict[str, list[dict[str, str]]]:
+    """Train/validation/test by question: all pairs with one prompt go to one split.
+
+    The split is a function of the seed and the questions alone; shares are of questions, rounded
+    half up as in the trainer's own split."""
+    if not (0 <= validation < 1 and 0 <= test < 1 and validation + test < 1):
+        raise ConfigError("--validation-split and --test-split must each be in [0, 1) with a sum below 1.")
+    by_prompt: dict[str, list[dict[str, str]]] = {}
+    for pair in pairs:
+        by_prompt.setdefault(pair["prompt"], []).append(pair)
+    by_kind: dict[str, list[str]] = {}
+    for prompt, group in by_prompt.items():
+        by_kind.setdefault(group[0]["kind"], []).append(prompt)
+    rng = random.Random(seed)
+    shuffled = []
+    for kind in sorted(by_kind):
+        prompts = sorted(by_kind[kind])
+        rng.shuffle(prompts)
+        shuffled.append(prompts)
+    # Deal the question types out in turn, so that each split gets its share of every type.
+    order = [p for turn in itertools.zip_longest(*shuffled) for p in turn if p is not None]
+    n_val, n_test = (math.floor(len(order) * share + 0.5) for share in (validation, test))
+    cut = {"validation": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+    out = {name: [pair for p in cut[name] for pair in by_prompt[p]] for name in SPLIT_FILES}
+    for name in out:
+        rng.shuffle(out[name])
+    return out
+
+
+def ambiguous_questions(pairs: Sequence[dict[str, str]]) -> list[str]:
+    """Questions with more than one answer (two records share the asked-for value)."""
+    answers: dict[str, set[str]] = {}
+    for pair in pairs:
+        answers.setdefault(pair["prompt"], set()).add(pair["completion"])
+    return sorted(p for p, a in answers.items() if len(a) > 1)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@dataclass
+class MadeQA:
+    out_dir: Path
+    counts: dict[str, int]
+    ambiguous: list[str]
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{n} {name}" for name, n in self.counts.items())
+        note = f"; {len(self.ambiguous)} questions have several answers" if self.ambiguous else ""
+        return f"{sum(self.counts.values())} question/answer pairs ({sizes}) -> {self.out_dir}{note}"
+
+    def dataset_config(self) -> dict[str, str | float]:
+        """The config's dataset section that trains on these files."""
+        keys = {"train": "path", "validation": "validationPath", "test": "testPath"}
+        out: dict[str, str | float] = {
+            keys[name]: str(self.out_dir / SPLIT_FILES[name]) for name, n in self.counts.items() if n
+        }
+        if "validationPath" not in out:
+            out["validationSplit"] = 0.0
+        if "testPath" not in out:
+            out["testSplit"] = 0.0
+        return out
+
+
+def make_qa(
+    records_path: Path,
+    template_path: Path,
+    out_dir: Path,
+    *,
+    validation: float = 0.1,
+    test: float = 0.1,
+    seed: int = 42,
+) -> MadeQA:
+    """Write train/validation/test JSONL files of pairs; never over files this command did not write."""
+    spec = load_template_file(template_path)
+    records = read_records(records_path)
+    pairs = render_pairs(records, spec.to_templates(), source=str(records_path), prompt_format=spec.prompt_format)
+    splits = split_pairs(pairs, validation, test, seed)
+    theirs = [out_dir / f for f in SPLIT_FILES.values() if (out_dir / f).exists()]
+    if theirs and not (out_dir / MARKER).exists():
+        raise ConfigError(
+            f"--out {out_dir} already holds {', '.join(p.name for p in theirs)} not written by make-qa; "
+            "choose another --out."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text(f"written by kubetune-train make-qa from {records_path}\n", encoding="utf-8")
+    for name, rows in splits.items():
+        target = out_dir / SPLIT_FILES[name]
+        if not rows:  # an empty file would be refused as a split; an earlier run's is stale
+            target.unlink(missing_ok=True)
+            continue
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(target)
+    return MadeQA(out_dir, {name: len(rows) for name, rows in splits.items()}, ambiguous_questions(pairs))

@@ -1,9 +1,10 @@
 """`kubetune-train quickstart`: a whole LoRA run on a laptop CPU, no network, no GPU.
 
-It writes a table of bank branches, turns it into question/answer pairs, builds a tiny
-random-initialised Qwen2 model and a BPE tokenizer trained on those pairs, fine-tunes
-through the same `run` a TrainingRun uses, and prints answers to held-out questions
-before and after training.
+It writes a table of bank branches and turns it into question/answer pairs with `make-qa`
+(the templates go to templates.yaml, for a user to edit), builds a tiny random-initialised
+Qwen2 model and a BPE tokenizer trained on those pairs, fine-tunes through the same `run`
+a TrainingRun uses, whose evaluation scores the base and the fine-tuned model side by side,
+and prints their answers to held-out questions.
 
 The base model knows nothing, so its embeddings and output head are trained in full
 (`lora.modulesToSave`) beside the LoRA matrices: with a random base, LoRA alone cannot
@@ -24,7 +25,7 @@ from typing import Any
 
 from kubetune_trainer.config import TrainConfig
 from kubetune_trainer.errors import ConfigError
-from kubetune_trainer.qa import QATemplate, render_pairs
+from kubetune_trainer.qa import SPLIT_FILES, MadeQA, QATemplate, make_qa
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +124,10 @@ def build_tiny_model(
     return out_dir
 
 
-def quickstart_config(workdir: Path, max_steps: int) -> dict[str, Any]:
+def quickstart_config(workdir: Path, max_steps: int, dataset: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": {"nameOrPath": str(workdir / "base-model")},
-        "dataset": {"path": str(workdir / "qa.jsonl"), "maxSeqLength": 64, "preparedDir": str(workdir / "prepared")},
+        "dataset": {**dataset, "maxSeqLength": 64, "preparedDir": str(workdir / "prepared")},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "modulesToSave": ["embed_tokens", "lm_head"]},
         "training": {
             "maxSteps": max_steps,
@@ -158,8 +159,17 @@ def claim_workdir(workdir: Path) -> None:
     (workdir / MARKER).write_text("made by kubetune-train quickstart; rerunning it replaces this directory\n")
 
 
-def prepare_workdir(workdir: Path, branches: int, max_steps: int) -> TrainConfig:
-    """Write the records, the QA pairs, the base model and the config; return the config."""
+def write_templates(path: Path, templates: Sequence[QATemplate] = BRANCH_TEMPLATES) -> Path:
+    """The question templates as a `make-qa --template` file, for a user to copy and edit."""
+    import yaml
+
+    body = {"templates": [{"kind": t.kind, "question": t.question, "answer": t.answer} for t in templates]}
+    path.write_text(yaml.safe_dump(body, sort_keys=False, width=200), encoding="utf-8")
+    return path
+
+
+def prepare_workdir(workdir: Path, branches: int, max_steps: int) -> tuple[TrainConfig, MadeQA]:
+    """Write the records, the QA pairs (through make-qa), the base model and the config."""
     import yaml
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -168,95 +178,51 @@ def prepare_workdir(workdir: Path, branches: int, max_steps: int) -> TrainConfig
         writer = csv.DictWriter(fh, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)
-    pairs = render_pairs(records, BRANCH_TEMPLATES, source="branches.csv")
-    random.Random(0).shuffle(pairs)
-    with (workdir / "qa.jsonl").open("w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(p) + "\n" for p in pairs)
+    made = make_qa(workdir / "branches.csv", write_templates(workdir / "templates.yaml"), workdir / "qa", seed=0)
+    pairs = [json.loads(line) for name in SPLIT_FILES.values() for line in (workdir / "qa" / name).open()]
     build_tiny_model([p["prompt"] + p["completion"] for p in pairs], workdir / "base-model")
-    raw = quickstart_config(workdir, max_steps)
+    raw = quickstart_config(workdir, max_steps, made.dataset_config())
     (workdir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    return TrainConfig.model_validate(raw)
-
-
-def char_similarity(a: str, b: str) -> float:
-    """1 - normalised Levenshtein distance; 1.0 for equal strings."""
-    a, b = a.strip(), b.strip()
-    if not a and not b:
-        return 1.0
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, start=1):
-        cur = [i]
-        for j, cb in enumerate(b, start=1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return 1.0 - prev[-1] / max(len(a), len(b))
+    return TrainConfig.model_validate(raw), made
 
 
 def main(workdir: Path, *, max_steps: int, branches: int, samples: int) -> int:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kubetune_trainer.data import load_splits
-    from kubetune_trainer.evaluate import generate_completions
     from kubetune_trainer.train import run
 
     started = time.monotonic()
     claim_workdir(workdir)
-    cfg = prepare_workdir(workdir, branches, max_steps)
-    _, splits = load_splits(cfg.dataset)
-    test = splits["test"]
-    prompts, references = list(test["prompt"]), [c.strip() for c in test["completion"]]
+    cfg, made = prepare_workdir(workdir, branches, max_steps)
     print(
-        f"[1/4] {branches} branches -> {workdir / 'branches.csv'}; {len(splits['train'])} train, "
-        f"{len(splits['validation'])} validation and {len(test)} test question/answer pairs -> {cfg.dataset.path}"
+        f"[1/3] {branches} branches -> {workdir / 'branches.csv'}; `make-qa` with {workdir / 'templates.yaml'}: "
+        f"{made.describe()}"
     )
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
-    base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
-    params = sum(p.numel() for p in base.parameters())
     print(
-        f"[2/4] Random-initialised Qwen2 ({params / 1e6:.1f}M parameters, {len(tokenizer)}-token BPE) -> "
-        f"{cfg.model.name_or_path}"
+        f"[2/3] A random-initialised Qwen2 and a BPE tokenizer -> {cfg.model.name_or_path}; LoRA fine-tuning for "
+        f"{max_steps} steps on CPU (config: {workdir / 'config.yaml'})"
     )
-    before = generate_completions(base, tokenizer, prompts, max_new_tokens=12)
-
-    print(f"[3/4] LoRA fine-tuning for {max_steps} steps on CPU (config: {workdir / 'config.yaml'})")
     result = run(cfg)
+    report = result.evaluation
+    assert report is not None and report.base is not None, "the quickstart's data has a test split"
 
-    adapted = PeftModel.from_pretrained(base, cfg.output.dir)  # the exported adapter, as a user loads it
-    after = generate_completions(adapted, tokenizer, prompts, max_new_tokens=12)
-
-    print("[4/4] Answers to held-out test questions, before -> after fine-tuning:")
-    for prompt, ref, b, a in list(zip(prompts, references, before, after, strict=True))[:samples]:
-        question = prompt.removeprefix("Question: ").removesuffix("\nAnswer:")
+    print("[3/3] Held-out test questions, the base model -> the fine-tuned one (both scored in eval.json):")
+    for p in report.predictions[:samples]:
+        question = p["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:")
         print(
-            f"  Q: {question}\n     reference: {ref}\n     before:    {b.strip()!r}\n     after:     "
-            f"{a.strip()!r}{'  (exact)' if a.strip() == ref else ''}"
+            f"  Q: {question}\n     reference:  {p['reference'].strip()}\n     base:       {p['base_prediction']!r}\n"
+            f"     fine-tuned: {p['prediction']!r}{'  (exact)' if p['exact'] else ''}"
         )
-
-    m = result.metrics
-    exact_before = sum(b.strip() == r for b, r in zip(before, references, strict=True))
-    exact_after = sum(a.strip() == r for a, r in zip(after, references, strict=True))
-    sim_before = sum(map(char_similarity, before, references)) / len(references)
-    sim_after = sum(map(char_similarity, after, references)) / len(references)
+    m, base, tuned = result.metrics, report.base, report.finetuned
     print(
-        f"\nTraining loss {m['train_loss_first']:.2f} -> {m['train_loss_last']:.2f}; "
-        f"validation loss {m['eval_loss']:.2f}; test loss {m['test_loss']:.2f}\n"
-        f"Test answers: exact {exact_before}/{len(references)} -> {exact_after}/{len(references)}, "
-        f"character similarity {sim_before:.0%} -> {sim_after:.0%}\n"
-        f"Adapter, metrics.json and loss_curves.png in {cfg.output.dir} "
+        f"\nTraining loss {m['train_loss_first']:.2f} -> {m['train_loss_last']:.2f}; validation loss "
+        f"{m['eval_loss']:.2f}\n"
+        f"Test split, base -> fine-tuned: loss {base['loss']:.2f} -> {tuned['loss']:.2f}, exact match "
+        f"{base['exact_match']:.0%} -> {tuned['exact_match']:.0%}, character error rate {base['cer']:.2f} -> "
+        f"{tuned['cer']:.2f} ({report.generated} questions)\n"
+        f"Adapter, eval.json, predictions.jsonl, metrics.json and loss_curves.png in {cfg.output.dir} "
         f"({time.monotonic() - started:.0f}s in all).\n"
-        f"Next: edit {workdir / 'config.yaml'} or override settings, e.g.\n"
+        f"Next: edit {workdir / 'config.yaml'} or override settings, then compare the runs, e.g.\n"
         f"  kubetune-train run {workdir / 'config.yaml'} --set training.learningRate=1e-3 "
-        f"--set output.dir={workdir / 'run-2/output'} --set checkpoints.dir={workdir / 'run-2/checkpoints'}"
+        f"--set output.dir={workdir / 'run-2/output'} --set checkpoints.dir={workdir / 'run-2/checkpoints'}\n"
+        f"  kubetune compare {cfg.output.dir} {workdir / 'run-2/output'}"
     )
-    summary = {
-        "exact_before": exact_before,
-        "exact_after": exact_after,
-        "similarity_before": sim_before,
-        "similarity_after": sim_after,
-        "test_questions": len(references),
-    }
-    (Path(cfg.output.dir) / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 0

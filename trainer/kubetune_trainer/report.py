@@ -1,8 +1,8 @@
 """Progress records, and what else the run reports about itself.
 
 `ProgressTracker` turns the Trainer's events into `Progress` records for the sinks
-(sinks.py); `write_loss_curves` draws the curves; `HighLossSamples` finds the training
-samples the model finds hardest.
+(sinks.py, which defines the record and imports no torch); `write_loss_curves` draws the
+curves; `HighLossSamples` finds the training samples the model finds hardest.
 """
 
 from __future__ import annotations
@@ -12,39 +12,17 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-if TYPE_CHECKING:
-    from kubetune_trainer.sinks import Reporter
+from kubetune_trainer.sinks import Progress, Reporter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Progress:
-    step: int
-    total_steps: int
-    epoch: float
-    percent: float
-    eta_seconds: float | None
-    eta: str
-    train_loss: float | None
-    eval_loss: float | None
-    learning_rate: float | None
-    grad_norm: float | None
-    tokens_per_second: float | None
-    samples_per_second: float | None
-    gpu_memory_bytes: int | None
-    last_update_time: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -77,11 +55,26 @@ def utc_now() -> str:
 
 
 class ProgressTracker(TrainerCallback):
-    """Builds a Progress record at each step and log/eval event and gives it to the sinks."""
+    """Builds a Progress record at each step and log/eval event and gives it to the sinks.
 
-    def __init__(self, reporter: Reporter, samples_per_step: int, window: int = 20) -> None:
+    non_finite_steps: how many optimizer steps were skipped so far for a non-finite loss (the
+    divergence guard's count). A step that adds to it is an event ("nonfinite"): the guard may stop
+    the run before the next logging step, and a NaN loss is null in JSON, so the count is what
+    progress.jsonl, the status and the alerts see.
+    """
+
+    def __init__(
+        self,
+        reporter: Reporter,
+        samples_per_step: int,
+        window: int = 20,
+        *,
+        non_finite_steps: Callable[[], int] | None = None,
+    ) -> None:
         self.reporter = reporter
         self.samples_per_step = samples_per_step
+        self.non_finite_steps = non_finite_steps
+        self._non_finite_reported = 0
         self._window: deque[tuple[float, int, int]] = deque(maxlen=window)
         self._start: tuple[float, int] | None = None
         self.train_loss: float | None = None
@@ -100,7 +93,9 @@ class ProgressTracker(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
         self._window.append((time.monotonic(), state.global_step, state.num_input_tokens_seen))
-        self._emit(state, None)
+        bad = self.non_finite_steps() if self.non_finite_steps is not None else 0
+        self._emit(state, "nonfinite" if bad > self._non_finite_reported else None)
+        self._non_finite_reported = bad
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **_: Any
@@ -159,7 +154,10 @@ class ProgressTracker(TrainerCallback):
             grad_norm=self.grad_norm,
             tokens_per_second=None if tokens_s is None else round(tokens_s, 1),
             samples_per_second=None if samples_s is None else round(samples_s, 2),
-            gpu_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            tokens_seen=int(state.num_input_tokens_seen),
+            samples_seen=step * self.samples_per_step,
+            gpu_memory_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            non_finite_steps=None if self.non_finite_steps is None else int(self.non_finite_steps()),
             last_update_time=utc_now(),
         )
 
@@ -240,7 +238,8 @@ class HighLossSamples(TrainerCallback):
         loss = torch.cat(self._loss).tolist()
         self._index, self._loss = [], []
         latest = dict(zip(index, loss, strict=True))  # a sample seen twice keeps its latest loss
-        worst = sorted(latest.items(), key=lambda item: item[1], reverse=True)[: self.k]
+        # A non-finite loss is the worst of all (and first to look at); JSON has no NaN, so it is written as null.
+        worst = sorted(latest.items(), key=lambda item: -item[1] if math.isfinite(item[1]) else -math.inf)[: self.k]
         if self._position is None:
             self._position = {row: pos for pos, row in enumerate(self.dataset["index"])}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,4 +247,6 @@ class HighLossSamples(TrainerCallback):
             for row, value in worst:
                 ids = self.dataset[self._position[row]]["input_ids"]
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
-                fh.write(json.dumps({"step": step, "index": row, "loss": round(value, 5), "text": text}) + "\n")
+                loss_value = round(value, 5) if math.isfinite(value) else None
+                record = {"step": step, "index": row, "loss": loss_value, "text": text}
+                fh.write(json.dumps(record, allow_nan=False) + "\n")

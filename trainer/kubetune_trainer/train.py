@@ -8,12 +8,14 @@ the best adapter, and the export.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,12 +37,16 @@ from kubetune_trainer.errors import (
     DivergedError,
     Interrupted,
     KubetuneError,
+    Stopped,
     StorageFullError,
     is_disk_full,
 )
+from kubetune_trainer.evaluate import EvalReport
+from kubetune_trainer.evaluate import evaluate as evaluate_test
+from kubetune_trainer.evaluate import write_report as write_eval_report
 from kubetune_trainer.guards import DivergenceGuard, EvaluationAbandoned, RunControl, StopRequest
 from kubetune_trainer.model import Hardware, apply_lora, load_model, parameter_counts
-from kubetune_trainer.preflight import Preflight, run_preflight, write_report
+from kubetune_trainer.preflight import Preflight, checkpoint_bytes, run_preflight, write_report
 from kubetune_trainer.report import HighLossSamples, ProgressTracker, per_sample_loss, write_loss_curves
 from kubetune_trainer.sinks import Reporter, Sink, camel, default_sinks, finite_or_none
 
@@ -54,6 +60,7 @@ class RunResult:
     output_dir: Path
     metrics: dict[str, Any]
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    evaluation: EvalReport | None = None  # the test split, fine-tuned beside the base model
 
 
 # --------------------------------------------------------------------------- pure decisions
@@ -156,14 +163,22 @@ class KubetuneTrainer(Trainer):
         self,
         *args: Any,
         guard: DivergenceGuard,
+        stop: StopRequest,
         sample_losses: HighLossSamples | None,
         group_by_length: bool,
         **kwargs: Any,
     ) -> None:
         self.guard = guard
+        self.stop = stop
         self.sample_losses = sample_losses
         self.group_by_length = group_by_length
         super().__init__(*args, **kwargs)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # A save is Trainer's write (here) and CheckpointCommitter's seal (on_save, right after):
+        # together, what a SIGTERM waits for after the step.
+        self.stop.save_begins()
+        super()._save_checkpoint(model, trial)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -300,6 +315,7 @@ class CheckpointCommitter(TrainerCallback):
         )
         self.checkpoints = [c for c in self.checkpoints if c.step != step] + [checkpoint]
         self.checkpoints = checkpoints.prune(self.checkpoints, self.keep, self.tracker.best_step)
+        self.stop.save_ends()
         size = checkpoints.size_bytes(checkpoint.path)
         log.info("Saved %s, %.1f MB", checkpoints.describe(checkpoint), size / 1e6)
         best = next((c for c in self.checkpoints if c.step == self.tracker.best_step), None)
@@ -396,8 +412,14 @@ def export(
     cfg: TrainConfig,
     metrics: dict[str, Any],
     log_history: list[dict[str, Any]],
+    *,
+    evaluation: EvalReport | None = None,
+    stop: StopRequest | None = None,
 ) -> None:
-    """Write the adapter, tokenizer, config, metrics and curves; each file is replaced atomically."""
+    """Write the adapter, tokenizer, config, metrics and curves; each file is replaced atomically.
+
+    stop: a SIGTERM while the files move into place waits for the last move (a fraction of a
+    second), so the output is never half this run's and half a previous one's."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         staging = Path(tmp)
@@ -408,15 +430,18 @@ def export(
         (staging / "log_history.json").write_text(_json(log_history, indent=1), encoding="utf-8")
         title = f"{Path(cfg.model.name_or_path).name} LoRA"
         write_loss_curves(log_history, staging / "loss_curves.png", title=title)
+        if evaluation is not None:
+            write_eval_report(evaluation, staging)
         mode = 0o666 & ~_umask()  # some writers use 0600; a serving pod may run as another user
-        for item in sorted(staging.iterdir()):
-            target = out / item.name
-            if item.is_dir():
-                if target.exists():
-                    shutil.rmtree(target)
-            else:
-                item.chmod(mode)
-            os.replace(item, target)
+        with stop.at_safe_points() if stop is not None else contextlib.nullcontext():
+            for item in sorted(staging.iterdir()):
+                target = out / item.name
+                if item.is_dir():
+                    if target.exists():
+                        shutil.rmtree(target)
+                else:
+                    item.chmod(mode)
+                os.replace(item, target)
 
 
 def _json(value: Any, indent: int) -> str:
@@ -458,12 +483,17 @@ class Recipe:
         return self.preflight.tokenizer
 
 
-def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int = 0) -> Recipe:
+def setup(
+    cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int = 0, stop: StopRequest | None = None
+) -> Recipe:
     """Preflight, then the model with its adapter and the Trainer, ready to start or resume.
 
     sinks: where progress goes; by default the terminal, progress.jsonl, and Prometheus and the
-    TrainingRun's status when configured (sinks.default_sinks)."""
+    TrainingRun's status when configured (sinks.default_sinks). stop: the process's StopRequest
+    (`run` installs one); a new, uninstalled one by default."""
     started = time.monotonic()
+    log.info("Setting up: checkpoints, preflight checks, model")
+    stop = stop if stop is not None else StopRequest(cfg.checkpoints.grace_seconds)
     out = Path(cfg.output.dir)
     check_output_dir(out, cfg)
     identity = run_identity(cfg)
@@ -472,12 +502,33 @@ def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int
     hw = Hardware.detect()
     pf = run_preflight(cfg, hardware=hw, expect_gpus=expect_gpus, stage="run")
     write_report(pf.report, out / "preflight.json")
-    log.info("Preflight:\n%s", pf.report.render())
-    reporter = Reporter(sinks if sinks is not None else default_sinks(cfg))
-    reporter.preflight(pf.report.to_dict())  # a failed preflight shows in the run's status too
     if pf.report.failed:
-        reporter.close()
-    pf.report.raise_if_failed()
+        log.debug("Preflight:\n%s", pf.report.render())  # the error names the failed checks; -v shows all
+    else:
+        log.info("Preflight:\n%s", pf.report.render())
+    reporter = Reporter(sinks if sinks is not None else default_sinks(cfg))
+    try:
+        reporter.preflight(pf.report.to_dict())  # a failed preflight shows in the run's status too
+        pf.report.raise_if_failed()
+        return _build(cfg, pf, hw, stop, reporter, existing, resume_from, identity, started)
+    except BaseException:
+        reporter.close()  # its threads and ports; on success `run` closes it after the export
+        raise
+
+
+def _build(
+    cfg: TrainConfig,
+    pf: Preflight,
+    hw: Hardware,
+    stop: StopRequest,
+    reporter: Reporter,
+    existing: list[Checkpoint],
+    resume_from: Checkpoint | None,
+    identity: dict[str, Any],
+    started: float,
+) -> Recipe:
+    """The model with its adapter, the callbacks and the Trainer."""
+    out = Path(cfg.output.dir)
     transformers.set_seed(cfg.training.seed)
     data = pf.data
 
@@ -490,7 +541,6 @@ def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int
     finished = finished_run(cfg, resume_from, steps)
     has_validation = data.validation is not None
     resume_state = checkpoints.read_state(resume_from) if resume_from is not None else {}
-    stop = StopRequest(cfg.checkpoints.grace_seconds)
     guard = DivergenceGuard(cfg.training.max_non_finite_steps, skip_update=pf.precision != "fp16")
     tracker = ValidationTracker(cfg.evaluation.early_stopping_patience, cfg.evaluation.early_stopping_min_delta)
     if resume_from is not None:
@@ -506,7 +556,11 @@ def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int
         RunControl(stop, guard, cfg.checkpoints.every_steps, cfg.checkpoints.every_minutes),
         tracker,
         committer,
-        ProgressTracker(reporter, samples_per_step=cfg.training.batch_size * cfg.training.gradient_accumulation_steps),
+        ProgressTracker(
+            reporter,
+            samples_per_step=cfg.training.batch_size * cfg.training.gradient_accumulation_steps,
+            non_finite_steps=lambda: guard.total,
+        ),
     ]
     if samples is not None:
         callbacks.append(samples)
@@ -525,6 +579,7 @@ def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int
         processing_class=pf.tokenizer,
         callbacks=callbacks,
         guard=guard,
+        stop=stop,
         sample_losses=samples,
         group_by_length=cfg.training.group_by_length,
     )
@@ -534,37 +589,44 @@ def setup(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int
 
 
 def train(recipe: Recipe) -> dict[str, float]:
-    """Train (or resume) to the end; SIGTERM, divergence and a full disk end it with their own error."""
+    """Train (or resume) to the end; SIGTERM, divergence and a full disk end it with their own error.
+
+    Only inside the training loop does a SIGTERM wait for a safe point (the end of a step) to save;
+    anywhere else `Stopped` is raised at once (guards.StopRequest)."""
     trainer, stop, resume = recipe.trainer, recipe.stop, recipe.resume_from
     if recipe.finished:
         log.info("%s finished training; evaluating and exporting it", checkpoints.describe(resume))
         _load_checkpoint_weights(recipe.model, resume)
         trainer.state = TrainerState.load_from_json(str(resume.path / "trainer_state.json"))
+        if checkpoints.read_state(resume).get("pending_eval") and recipe.data.validation is not None:
+            # A SIGTERM cut the last evaluation short. Without it the tracker's best is an older step,
+            # and finish() would export that adapter instead of this one. Trainer.evaluate logs it to
+            # the history and hands it to the ValidationTracker (a callback), as during training.
+            log.info("step %d: evaluating, as the interrupted run could not", resume.step)
+            trainer.evaluate()
         return {}
     if resume is not None:
         log.info("Resuming from %s", checkpoints.describe(resume))
-    stop.install()
-    try:
+    with stop.at_safe_points():
         try:
-            output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
-        except EvaluationAbandoned:
-            # Weights, optimizer and data position are those of the last finished step: save them, and
-            # note that its evaluation is owed (the resumed run does it first).
-            if trainer.state.global_step > 0 and recipe.guard.consecutive == 0:
-                trainer._save_checkpoint(trainer.model, trial=None)
-                state = trainer.state
-                recipe.committer.commit(
-                    state, trainer.model, complete=state.global_step >= state.max_steps, pending_eval=True
-                )
-            raise _interrupted(recipe) from None
-    except KubetuneError:
-        raise
-    except Exception as exc:
-        if is_disk_full(exc) or _save_failed_for_space(recipe):
-            raise _disk_full(recipe, exc) from None
-        raise
-    finally:
-        stop.uninstall()
+            try:
+                output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+            except EvaluationAbandoned:
+                # Weights, optimizer and data position are those of the last finished step: save them, and
+                # note that its evaluation is owed (the resumed run does it first).
+                if trainer.state.global_step > 0 and recipe.guard.consecutive == 0:
+                    trainer._save_checkpoint(trainer.model, trial=None)
+                    state = trainer.state
+                    recipe.committer.commit(
+                        state, trainer.model, complete=state.global_step >= state.max_steps, pending_eval=True
+                    )
+                raise _interrupted(recipe) from None
+        except KubetuneError:
+            raise
+        except Exception as exc:
+            if is_disk_full(exc) or _save_failed_for_space(recipe):
+                raise _disk_full(recipe, exc) from None
+            raise
     if recipe.guard.diverged_at is not None:
         raise _diverged(recipe)
     if stop.requested:
@@ -601,8 +663,13 @@ def _save_failed_for_space(recipe: Recipe) -> bool:
     if not any(staging.glob(f"{checkpoints.PREFIX}*")):  # Trainer makes .staging itself at start
         return False
     latest = recipe.committer.latest
-    largest = max((f.stat().st_size for f in latest.path.iterdir() if f.is_file()), default=0) if latest else 0
-    return checkpoints.lacks_space(staging, largest or 64 << 20)
+    if latest is not None:
+        files = [f.stat().st_size for f in latest.path.rglob("*") if f.is_file()]
+        need, largest = sum(files), max(files, default=0)
+    else:  # no checkpoint yet: preflight's estimate of one
+        info = recipe.preflight.model_info
+        need = largest = checkpoint_bytes(info) if info is not None else 0
+    return checkpoints.lacks_space(staging, need, largest)
 
 
 def _disk_full(recipe: Recipe, exc: BaseException) -> StorageFullError:
@@ -627,10 +694,14 @@ def _load_checkpoint_weights(model: Any, checkpoint: Checkpoint) -> None:
 
 
 def finish(recipe: Recipe, train_metrics: dict[str, float]) -> RunResult:
-    """After training: restore the best adapter, take the final losses, export everything."""
+    """After training: restore the best adapter, take the final losses, export everything.
+
+    Nothing here is worth a checkpoint: a SIGTERM stops it at once (exit 143), and the rerun finds
+    the finished checkpoint and only evaluates and exports."""
     cfg, trainer, tracker, data = recipe.cfg, recipe.trainer, recipe.tracker, recipe.data
     history = list(trainer.state.log_history)
     final_step = trainer.state.global_step
+    log.info("step %d: training done; final evaluation and export", final_step)
 
     restored_best = False
     if cfg.evaluation.load_best_at_end and tracker.best_step == 0 and final_step > 0:
@@ -655,9 +726,13 @@ def finish(recipe: Recipe, train_metrics: dict[str, float]) -> RunResult:
             final["eval_loss"] = last["eval_loss"]
         else:
             final.update(trainer.evaluate(data.validation))
+    evaluation = None
     if data.test is not None:
-        final.update(trainer.evaluate(data.test, metric_key_prefix="test"))
-        log.info("Test split: loss %.4f (%d samples)", final["test_loss"], len(data.test))
+        # The adapter against its base model, side by side, on the test split (evaluate.py).
+        evaluation = evaluate_test(recipe.model, recipe.tokenizer, data, cfg, baseline=cfg.evaluation.baseline)
+        final["test_loss"] = evaluation.finetuned["loss"]
+        for line in evaluation.summary_lines():
+            log.info("%s", line)
 
     trainable, total = parameter_counts(recipe.model)
     train_losses = [h["loss"] for h in history if "loss" in h]
@@ -692,21 +767,48 @@ def finish(recipe: Recipe, train_metrics: dict[str, float]) -> RunResult:
         "attention": pf.attention,
         "device": pf.hardware.device_name,
         "data": data.summary(),
+        # What a SIGTERM waits for (compare with checkpoints.graceSeconds); this process's steps and saves.
+        "longest_step_seconds": round(recipe.stop.longest_step, 3),
+        "median_save_seconds": round(statistics.median(recipe.stop.save_seconds), 3)
+        if recipe.stop.save_seconds
+        else None,
     }
     out = Path(cfg.output.dir)
-    export(out, recipe.model, recipe.tokenizer, cfg, metrics, history)
+    export(out, recipe.model, recipe.tokenizer, cfg, metrics, history, evaluation=evaluation, stop=recipe.stop)
     log.info("Adapter and reports written to %s", out)
-    recipe.reporter.evaluation(camel({k: metrics[k] for k in EVALUATION_FIELDS}))
-    return RunResult(out, metrics, history)
+    recipe.reporter.evaluation(
+        {**camel({k: metrics[k] for k in EVALUATION_FIELDS}), **(evaluation.status() if evaluation else {})}
+    )
+    return RunResult(out, metrics, history, evaluation)
 
 
 EVALUATION_FIELDS = ("eval_loss", "test_loss", "best_eval_loss", "best_step", "restored_best", "early_stopped")
 
 
 def run(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int = 0) -> RunResult:
-    """Fine-tune cfg.model with LoRA on cfg.dataset and export the adapter to cfg.output.dir."""
-    recipe = setup(cfg, sinks=sinks, expect_gpus=expect_gpus)
+    """Fine-tune cfg.model with LoRA on cfg.dataset and export the adapter to cfg.output.dir.
+
+    SIGTERM and Ctrl-C are handled from here to the end (guards.StopRequest): inside the training
+    loop they save a checkpoint first; anywhere else they stop at once. Either way: Interrupted."""
+    stop = StopRequest(cfg.checkpoints.grace_seconds)
+    stop.install()
+    where = "while setting up, before training started; nothing new to save"
     try:
-        return finish(recipe, train(recipe))
+        recipe = setup(cfg, sinks=sinks, expect_gpus=expect_gpus, stop=stop)
+        try:
+            after = (
+                "in the final evaluation and export; the finished run's checkpoint is kept, so a rerun only "
+                "evaluates and exports it"
+            )
+            where = after if recipe.finished else "before training started; nothing new to save"
+            metrics = train(recipe)
+            where = after
+            return finish(recipe, metrics)
+        finally:
+            recipe.reporter.close()
+    except Stopped as stopped:
+        error = Interrupted(f"Stopped by {stopped.signal.name} {where}. Run again to continue.")
+        error.exit_code = stopped.exit_code
+        raise error from None
     finally:
-        recipe.reporter.close()
+        stop.uninstall()

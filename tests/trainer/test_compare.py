@@ -1,0 +1,142 @@
+"""`kubetune compare`: two real runs side by side, from their directories and from TrainingRuns whose
+status the trainer itself reported to an API server (the emulator, over HTTP)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubetune_trainer import compare
+from kubetune_trainer.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_model, qa_rows):
+    """Two short real runs (learning rates 3e-3 and 1e-3), the second reporting to a TrainingRun's status."""
+    from kubetune_trainer.config import TrainConfig
+    from kubetune_trainer.sinks import KubernetesStatusSink, status_patcher
+    from kubetune_trainer.train import run
+    from tests.conftest import write_jsonl
+    from tests.operator.emulator import ApiServer
+
+    root = tmp_path_factory.mktemp("compare")
+    data = write_jsonl(root / "qa.jsonl", qa_rows)
+    server = ApiServer().start()
+    kubeconfig = server.kubeconfig(root / "kubeconfig")
+    runs = {}
+    trainingruns = server.resource("kubetune.io", "trainingruns")
+    for name, lr in (("fast", 3e-3), ("slow", 1e-3)):
+        spec = {
+            "model": {"nameOrPath": str(tiny_model)},
+            "dataset": {"path": str(data), "maxSeqLength": 64, "testSplit": 0.2, "preparedDir": str(root / "prep")},
+            "training": {"maxSteps": 6, "batchSize": 8, "learningRate": lr, "loggingSteps": 2},
+            "evaluation": {"maxGenerationSamples": 8},
+            "checkpoints": {"dir": str(root / name / "checkpoints")},
+            "output": {"dir": str(root / name / "output")},
+        }
+        body = {"apiVersion": "kubetune.io/v1alpha1", "kind": "TrainingRun", "metadata": {"name": name}, "spec": spec}
+        server.call(lambda body=body: server.create(trainingruns, "ml", body))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KUBECONFIG", str(kubeconfig))
+            sink = KubernetesStatusSink(lambda name=name: status_patcher("ml", name), interval=0.5)
+            runs[name] = run(TrainConfig.model_validate(spec), sinks=[sink])
+    yield runs, server, kubeconfig
+    server.stop()
+
+
+def test_compare_renders_two_output_directories_side_by_side(two_runs):
+    runs, _, _ = two_runs
+    rows = compare.collect([str(r.output_dir) for r in runs.values()], namespace=None, kubeconfig=None, context=None)
+    assert [r.name for r in rows] == ["fast", "slow"]
+    assert [r.learning_rate for r in rows] == [3e-3, 1e-3]
+    for row, result in zip(rows, runs.values(), strict=True):
+        assert row.steps == 6 and row.train_loss == result.metrics["train_loss_last"]
+        assert row.test == pytest.approx(result.evaluation.finetuned)
+        assert row.base == pytest.approx(result.evaluation.base)
+    table = compare.render_table(rows).splitlines()
+    assert table[0].split()[:4] == ["RUN", "MODEL", "R", "LR"] and "PHASE" not in table[0], "no column without data"
+    assert table[1].split()[0] == "fast" and "3.0e-03" in table[1] and "1.0e-03" in table[2]
+    base, tuned = rows[0].base["loss"], rows[0].test["loss"]
+    assert f"{base:.4f}->{tuned:.4f}" in table[1], "test loss reads base->fine-tuned"
+
+
+def test_compare_reads_trainingruns_through_the_kubeconfig_and_prints_json(two_runs):
+    runs, _, kubeconfig = two_runs
+    script = Path(sys.executable).with_name("kubectl-kubetune")  # what `kubectl kubetune` runs
+    proc = subprocess.run(
+        [str(script), "compare", "fast", "ml/slow", "-n", "ml", "--kubeconfig", str(kubeconfig), "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [r["source"] for r in rows] == ["trainingrun/ml/fast", "trainingrun/ml/slow"]
+    for row, (name, result) in zip(rows, runs.items(), strict=True):
+        assert row["name"] == name and row["phase"] is None, "the emulator runs no operator: no phase"
+        assert row["steps"] == 6 and row["learning_rate"] == {"fast": 3e-3, "slow": 1e-3}[name]
+        assert row["test"]["exact_match"] == pytest.approx(result.evaluation.finetuned["exact_match"])
+        assert row["base"]["loss"] == pytest.approx(result.evaluation.base["loss"])
+        assert row["eval_loss"] == pytest.approx(result.metrics["eval_loss"])
+
+
+def test_compare_names_what_it_cannot_find(two_runs, tmp_path):
+    _, _, kubeconfig = two_runs
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("kubetune")), "compare", "nope", "--kubeconfig", str(kubeconfig)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "nope: no such directory, and no TrainingRun 'nope' in namespace" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"no metrics\.json, so not the output\.dir"):
+        compare.from_output_dir(tmp_path / "empty")
+
+
+def kubetune_train(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("kubetune-train")
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_eval_of_an_exported_adapter_reproduces_the_runs_own_evaluation(two_runs, tmp_path):
+    runs, _, _ = two_runs
+    out = runs["fast"].output_dir
+    proc = kubetune_train("eval", str(out / "config.yaml"), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again, during = (json.loads(p.read_text()) for p in (tmp_path / "eval.json", out / "eval.json"))
+    for side in ("finetuned", "base"):
+        assert again[side] == pytest.approx(during[side], rel=1e-4), side
+    assert (tmp_path / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
+    assert "exact_match" in proc.stderr and "fine-tuned" in proc.stderr
+
+
+def test_eval_without_a_test_split_says_what_to_set(two_runs, tmp_path):
+    runs, _, _ = two_runs
+    out = runs["fast"].output_dir
+    proc = kubetune_train("eval", str(out / "config.yaml"), "--set", "dataset.testSplit=0", "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert "no test split to evaluate: set dataset.testSplit above 0 or give dataset.testPath" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_make_qa_on_the_command_line(tmp_path):
+    from kubetune_trainer.quickstart import write_templates
+
+    (tmp_path / "r.csv").write_text("branch,city,routing_code\n" + "".join(f"B{i},C,{i:09d}\n" for i in range(10)))
+    write_templates(tmp_path / "t.yaml")
+    proc = kubetune_train(
+        "make-qa", "r.csv", "--template", "t.yaml", "--out", "qa", "--test-split", "0.2", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "40 question/answer pairs (28 train, 4 validation, 8 test" in proc.stdout
+    assert "testPath: qa/test.jsonl" in proc.stdout
+    (tmp_path / "t.yaml").write_text("templates:\n- kind: x\n  question: '{street}?'\n  answer: '{branch}'\n")
+    proc = kubetune_train("make-qa", "r.csv", "--template", "t.yaml", "--out", "qa", cwd=tmp_path)
+    assert proc.returncode == 2 and "template 'x' uses field(s) street that r.csv lacks" in proc.stderr
