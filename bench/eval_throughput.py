@@ -4,7 +4,7 @@ against generating for one prompt at a time, on the same model, prompts and toke
 Both use `kubetune_trainer.evaluate.generate_completions`; the baseline passes batch_size=1. The model
 is the quickstart's size (random-initialised Qwen2, built locally), so it rarely stops early: every
 prompt costs the full token budget in both variants. The answers must be identical (greedy decoding
-with left padding changes nothing), which the script checks.
+with left padding changes nothing); the script fails if any differs.
 
     python bench/eval_throughput.py [--prompts 128] [--new-tokens 16] [--batch 32] [--rounds 2]
 """
@@ -54,24 +54,29 @@ def main() -> None:
         return time.perf_counter() - started, out
 
     timed(args.batch)  # warm up kernels and caches for both
-    seconds: dict[str, list[float]] = {"one at a time": [], f"batched ({args.batch})": []}
-    answers = {}
-    for _ in range(args.rounds):
-        for name, batch in (("one at a time", 1), (f"batched ({args.batch})", args.batch)):
+    baseline, batched = "baseline: one at a time (batch 1)", f"batched (batch {args.batch})"
+    seconds: dict[str, list[float]] = {baseline: [], batched: []}
+    answers: dict[str, list[str]] = {}
+    for _ in range(args.rounds):  # alternate, so drift in the machine's load hits both alike
+        for name, batch in ((baseline, 1), (batched, args.batch)):
             elapsed, answers[name] = timed(batch)
             seconds[name].append(elapsed)
-    one, batched = answers.values()
-    same = sum(a == b for a, b in zip(one, batched, strict=True))
+    same = sum(a == b for a, b in zip(answers[baseline], answers[batched], strict=True))
 
     print(
-        f"{len(prompts)} prompts, {args.new_tokens} new tokens each, Qwen2 hidden {args.hidden} x {args.layers} "
-        f"layers on {device} ({torch.get_num_threads()} threads); median of {args.rounds} rounds"
+        f"Evaluation throughput: {len(prompts)} prompts, {args.new_tokens} new tokens each, greedy; Qwen2 hidden "
+        f"{args.hidden} x {args.layers} layers on {device} ({torch.get_num_threads()} threads); "
+        f"median of {args.rounds} rounds"
     )
     rates = {name: len(prompts) / statistics.median(s) for name, s in seconds.items()}
+    width = max(map(len, rates))
+    print(f"  {'variant':<{width}}   samples/s   seconds")
     for name, rate in rates.items():
-        print(f"  {name:<16} {rate:8.1f} samples/s   ({statistics.median(seconds[name]):.2f} s)")
-    base, fast = rates.values()
-    print(f"  ratio            {fast / base:8.2f}x   (identical answers: {same}/{len(prompts)})")
+        print(f"  {name:<{width}}   {rate:9.1f}   {statistics.median(seconds[name]):7.2f}")
+    print(f"  ratio batched / baseline: {rates[batched] / rates[baseline]:.2f}x")
+    print(f"  identical answers: {same}/{len(prompts)}")
+    if same != len(prompts):
+        raise SystemExit("batched generation changed some answers: the comparison is not like for like")
 
 
 if __name__ == "__main__":

@@ -279,6 +279,7 @@ class Condition(_Model):
     observed_generation: int | None = Field(None, description="The spec generation this was computed from.")
 
 
+# The phases, in lifecycle order: the status schema's enum; constants.PHASES (PENDING, ...) are read from here.
 Phase = Literal["Pending", "Initializing", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import signal
+from importlib import metadata
+from typing import get_args
 
+from kubetune_operator import api
 from kubetune_trainer import contract
 from kubetune_trainer import errors as trainer_errors
 
@@ -33,6 +36,11 @@ TERMINATION_ENV = contract.TERMINATION_LOG_ENV
 RUN_NAME_ENV = contract.RUN_NAME_ENV
 RUN_NAMESPACE_ENV = contract.RUN_NAMESPACE_ENV
 TRAINER_UID = 1000  # the trainer image's user
+# The trainer image of runs without spec.image, unless the operator's KUBETUNE_TRAINER_IMAGE (the chart's
+# trainer.image) says otherwise: the release's own version, so operator and trainer match by default.
+TRAINER_IMAGE = f"ghcr.io/kubetune/trainer:{metadata.version('kubetune')}"
+# With storage.existingClaim the volume is shared: a run's own relative output paths go under runs/<run>/.
+RUNS_DIR = "runs"
 
 # Exit codes of kubetune-train (ARCHITECTURE.md contract 3) and what they mean for a run.
 # A code listed here ends the Job at once (podFailurePolicy FailJob); others are retried.
@@ -45,17 +53,36 @@ FAILJOB_EXIT_CODES = {
 }
 EXIT_SIGTERM = trainer_errors.SIGNAL_EXIT_CODES[signal.SIGTERM]
 
-# Phases and reasons of a TrainingRun (status.phase / status.reason).
-PENDING, INITIALIZING, QUEUED, RUNNING, SUSPENDED, SUCCEEDED, FAILED = (
-    "Pending",
-    "Initializing",
-    "Queued",
+# Phases of a TrainingRun (status.phase): the values of api.Phase, the schema's enum, in lifecycle order.
+PHASES: tuple[str, ...] = get_args(api.Phase)
+PENDING, INITIALIZING, QUEUED, RUNNING, SUSPENDED, SUCCEEDED, FAILED = PHASES
+TERMINAL = (SUCCEEDED, FAILED)
+# Condition types of a TrainingRun (status.conditions), in the order they are listed.
+CONDITION_INITIALIZED, CONDITION_ADMITTED = "Initialized", "Admitted"  # Admitted: runs with a queueName only
+CONDITION_RUNNING, CONDITION_SUSPENDED, CONDITION_SUCCEEDED, CONDITION_FAILED = (
     "Running",
     "Suspended",
     "Succeeded",
     "Failed",
 )
-TERMINAL = (SUCCEEDED, FAILED)
+CONDITION_TYPES = (
+    CONDITION_INITIALIZED,
+    CONDITION_ADMITTED,
+    CONDITION_RUNNING,
+    CONDITION_SUSPENDED,
+    CONDITION_SUCCEEDED,
+    CONDITION_FAILED,
+)
+# Reasons (status.reason, and the reason of the Event posted when it changes).
+REASON_CREATING = "Creating"  # the base children are being made
+REASON_PREPARING = "Preparing"
+REASON_PREPARED = "Prepared"  # also the Initialized condition's reason once it is True
+REASON_STARTING = "Starting"
+REASON_TRAINING = "Training"
+REASON_RESTARTING = "Restarting"
+REASON_SUSPENDING = "Suspending"  # suspended, its trainer still saving a checkpoint
+REASON_SUSPENDED = "Suspended"
+REASON_COMPLETED = "Completed"
 REASON_INVALID_SPEC = trainer_errors.ConfigError.reason
 REASON_UNSCHEDULABLE = "Unschedulable"
 REASON_IMAGE_PULL = "ImagePullFailed"
@@ -67,10 +94,42 @@ REASON_ADMITTED = "Admitted"
 REASON_CONTAINER_CONFIG = "ContainerConfigError"  # a Secret or ConfigMap the pod needs is missing
 REASON_CREATE_FAILED = "CreateFailed"  # the API server refused a child (400/403/422)
 REASON_BLOCKED = "WaitingForOldChildren"  # a child's name is held by another owner (a deleted run's)
+REASON_OLD_PODS = "WaitingForOldPods"  # a replaced training Job's pod still runs on the run's volume
 REASON_QUOTA = "QuotaExceeded"
 REASON_RETRYING = "Retrying"
+# The messages of the lifecycle's reasons ({fields} are filled in where they are used). A failure's message is
+# composed in status.py from what was observed: the trainer's words, the limit it hit, the setting to change.
+MESSAGE_CREATING = "Creating the run's volume, config and prepare Job."
+MESSAGE_PREPARING = "Fetching the model and checking and tokenizing the data."
+MESSAGE_PREPARED = "Data and model are ready; creating the training Job."
+MESSAGE_INITIALIZED = "Model and data are ready."  # the Initialized condition's, once True
+MESSAGE_RESTARTING_JOB = "Creating the training Job; it resumes from the newest checkpoint."
+MESSAGE_POD_CREATING = "Waiting for the training pod to be created."
+MESSAGE_POD_STARTING = "The training pod is starting."
+MESSAGE_TRAINING = "Training."
+MESSAGE_TRAINING_AGAIN = "Training (attempt {attempt})."
+MESSAGE_RESTARTING = "The training pod {why}; starting another that resumes from the newest checkpoint."
+MESSAGE_SUSPENDING = "The trainer is saving a checkpoint before it stops."
+MESSAGE_SUSPENDED = "Suspended with its checkpoint saved; set spec.suspend: false to resume."
+MESSAGE_SUSPENDED_BEFORE_TRAINING = "Suspended before training started; set spec.suspend: false."
+MESSAGE_KUEUE = "Waiting for Kueue to admit the training Job in queue {queue}."
+MESSAGE_ADMITTED = "Kueue admitted the training Job."  # the Admitted condition's
+MESSAGE_NOT_ADMITTED = "The training Job waits for Kueue, or does not exist now."
+MESSAGE_OLD_PODS = (
+    "Waiting for pod {pods}, left from an earlier Job of this run, to stop before the training Job is created: "
+    "two trainers must not share the run's volume. It stops once it has saved its checkpoint (within "
+    "spec.terminationGracePeriodSeconds)."
+)
+MESSAGE_COMPLETED = "Training finished; the adapter is on volume {volume} in {path}."
+MESSAGE_INVALID = "{problem} Fix it in a new TrainingRun (the spec is fixed)."
+MESSAGE_INVALID_WHILE_RUNNING = (
+    "{problem} The run is stopped (its Jobs suspended, its checkpoints kept). This can be undone: restore a valid "
+    "spec and it resumes from its newest checkpoint."
+)
 # Waiting phases that need someone to act: posted as Warning Events (as every Failed is).
 WARNING_REASONS = (REASON_UNSCHEDULABLE, REASON_IMAGE_PULL, REASON_CONTAINER_CONFIG, REASON_BLOCKED, REASON_QUOTA)
-IMAGE_PULL_GRACE_SECONDS = 300  # an image that has not pulled in this long fails the run
+# An image that has not pulled this long after the pod was scheduled fails the run (time spent waiting
+# for a node does not count: the pull starts on the node).
+IMAGE_PULL_GRACE_SECONDS = 300
 # Kubelet waiting reasons of a container whose Secret/ConfigMap (env, hfTokenSecret) is missing.
 CONTAINER_CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")

@@ -37,7 +37,17 @@ from kubetune_operator import api, resources
 from kubetune_operator import constants as c
 from kubetune_operator.kube import ChildBlocked, CreateRefused, Kube, is_transient
 from kubetune_operator.metrics import OperatorMetrics
-from kubetune_operator.status import Derived, JobView, Observation, PodLedger, controller_uid, derive, prepared
+from kubetune_operator.status import (
+    Derived,
+    JobView,
+    Observation,
+    PodLedger,
+    PodView,
+    controller_uid,
+    derive,
+    old_pods,
+    prepared,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +93,10 @@ def observe(
 ) -> Observation:
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
-    # Listed also when the spec is invalid: a run that turns invalid while training must be stopped.
-    jobs, pods = kube.children(namespace, name, meta.get("uid", ""))
+    run = resources.RunRef(name, namespace, meta.get("uid", ""))
+    # Listed also when the spec is invalid: a run that turns invalid while training must be stopped. Pods
+    # also when no Job is left, once a training Job was made: a deleted one's may still run (old_pods).
+    jobs, pods = kube.children(namespace, name, run.uid, pods=bool(previous.get("jobName")))
     memory.job_versions = {n: j["metadata"].get("resourceVersion", "") for n, j in jobs.items()}
 
     def job_view(component: str) -> JobView | None:
@@ -99,9 +111,9 @@ def observe(
     train = job_view(c.TRAIN)
     suspended = invalid is not None or bool(spec and spec.suspend) or bool(train and train.suspended)
     restarts = memory.ledger.look(train, suspended=suspended)
-    volume = None
+    volume = output = None
     if spec is not None:
-        volume = resources.volume_claim_name(resources.RunRef(name, namespace, meta.get("uid", "")), spec)
+        volume, output = resources.volume_claim_name(run, spec), resources.output_path(run, spec)
     return Observation(
         name=name,
         generation=int(meta.get("generation") or 1),
@@ -112,6 +124,8 @@ def observe(
         previous=previous,
         now=datetime.now(timezone.utc),
         volume=volume,
+        output=output,
+        pods=tuple(PodView.from_dict(p) for p in pods),
         restarts=restarts,
     )
 
@@ -175,6 +189,8 @@ def act(
     if train is None:
         if spec.suspend:
             return obs  # made on resume: a suspended Kueue Job would be started by Kueue
+        if old_pods(obs):
+            return obs  # a deleted Job's trainer still runs on the volume: the status says so (resync retries)
         job = resources.train_job(run, spec, settings)
         kube.create(job)
         view = JobView(job["metadata"]["name"], suspended=job["spec"]["suspend"], kueue=bool(spec.queue_name))
@@ -228,8 +244,10 @@ def refused(exc: CreateRefused) -> str:
 
 @dataclass
 class RunMemory:
-    """What the operator remembers of one run between passes."""
+    """What the operator remembers of one run between passes: of one run, by its uid, not its name (a run
+    deleted and applied again is another run, also when the operator missed the deletion)."""
 
+    uid: str = ""
     ledger: PodLedger = field(default_factory=PodLedger)  # its training pods, for restarts
     job_versions: dict[str, str] = field(default_factory=dict)  # resourceVersion of each Job last observed
     # The operator's status fields as last written. Only the operator writes them, so they are fresher than
@@ -311,7 +329,7 @@ class Runs:
 
     def __init__(self) -> None:
         self.bodies: dict[tuple[str, str], dict[str, Any]] = {}
-        self.memory: defaultdict[tuple[str, str], RunMemory] = defaultdict(RunMemory)
+        self.memory: dict[tuple[str, str], RunMemory] = {}
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._guard = threading.Lock()
         # kopf's event poster is reached through context variables that only handler calls carry;
@@ -321,6 +339,16 @@ class Runs:
     def lock(self, key: tuple[str, str]) -> threading.Lock:
         with self._guard:
             return self._locks[key]
+
+    def memory_of(self, body: dict[str, Any]) -> RunMemory:
+        """The memory of this very run: a new one when the name now belongs to a run with another uid."""
+        meta = body["metadata"]
+        key, uid = (meta["namespace"], meta["name"]), meta.get("uid", "")
+        with self._guard:
+            memory = self.memory.get(key)
+            if memory is None or memory.uid != uid:
+                memory = self.memory[key] = RunMemory(uid=uid)
+            return memory
 
     def forget(self, key: tuple[str, str]) -> None:
         with self._guard:
@@ -334,7 +362,7 @@ def _reconcile_locked(memo: kopf.Memo, body: dict[str, Any], trigger: str) -> De
     with memo.runs.lock(key):
         return memo.metrics.observe(
             trigger,
-            lambda: reconcile(memo.kube, memo.settings, body, memo.runs.memory[key], memo.post_event),
+            lambda: reconcile(memo.kube, memo.settings, body, memo.runs.memory_of(body), memo.post_event),
         )
 
 
@@ -456,7 +484,8 @@ def on_job(namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta, memo
     owner = memo.runs.bodies.get(run)
     if owner is None:
         return  # not a run this operator watches (another namespace), or it is being deleted
-    if memo.runs.memory[run].job_versions.get(name) == meta.get("resourceVersion"):
+    memory = memo.runs.memory.get(run)
+    if memory is not None and memory.job_versions.get(name) == meta.get("resourceVersion"):
         return  # the last pass saw this very version of the Job (resourceVersions are only compared for equality)
     try:
         _reconcile_locked(memo, owner, "job")

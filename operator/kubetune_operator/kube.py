@@ -161,9 +161,12 @@ class Kube:
                 "being deleted); waiting for Kubernetes to remove it before creating this run's own.",
             )
 
-    def children(self, namespace: str, run: str, uid: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-        """The run's Jobs by name, and their pods. Jobs another owner controls (those of a deleted run of the
-        same name, not yet garbage-collected) or being deleted are not the run's."""
+    def children(
+        self, namespace: str, run: str, uid: str, pods: bool = False
+    ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        """The run's Jobs by name, and every pod with the run's label (when it has a Job, or `pods` asks).
+        Jobs another owner controls (those of a deleted run of the same name, not yet garbage-collected) or
+        being deleted are not the run's; their pods are listed, and sorted by owner later."""
         selector = f"{c.LABEL_RUN}={run}"
         found = [self._dict(j) for j in self.batch.list_namespaced_job(namespace, label_selector=selector).items]
         jobs = {
@@ -172,10 +175,10 @@ class Kube:
             if not j["metadata"].get("deletionTimestamp")
             and any(r.get("uid") == uid and r.get("controller") for r in j["metadata"].get("ownerReferences") or [])
         }
-        if not jobs:
-            return {}, []  # no Job, no pods: spare the second request (new runs are most of a burst)
-        pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
-        return jobs, [self._dict(p) for p in pods]
+        if not jobs and not pods:
+            return {}, []  # spare the second request (new runs are most of a burst)
+        found_pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
+        return jobs, [self._dict(p) for p in found_pods]
 
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         self.batch.patch_namespaced_job(name, namespace, body=patch, _content_type=MERGE_PATCH)

@@ -19,8 +19,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from kubetune_operator import constants as c
+from kubetune_operator.kube import ChildBlocked
 
-PHASES = (c.PENDING, c.INITIALIZING, c.QUEUED, c.RUNNING, c.SUSPENDED, c.SUCCEEDED, c.FAILED)
+PHASES = c.PHASES
 LABELS = ["namespace", "run"]
 
 # name -> (help, status.progress field) for the gauges read straight from the progress record.
@@ -99,7 +100,7 @@ def run_samples(body: dict[str, Any]) -> dict[str, Any]:
     # The last sign of life: the trainer's last progress record, or the moment the run (re)entered Running
     # (after Suspended, Queued or a restart the old record is no news of a stall), or its start (a run that
     # hangs before its first step stalls too).
-    running = next((cond for cond in conditions if cond.get("type") == "Running"), {})
+    running = next((cond for cond in conditions if cond.get("type") == c.CONDITION_RUNNING), {})
     last = _latest(
         timestamp(progress.get("lastUpdateTime")),
         timestamp(running.get("lastTransitionTime")) if running.get("status") == "True" else None,
@@ -155,7 +156,8 @@ class OperatorMetrics:
         self.registry.register(RunCollector(bodies))
         self.reconciles = Counter(
             "kubetune_operator_reconciles",
-            "Reconcile passes by what started them (run, job, resync) and how they ended (ok, error).",
+            "Reconcile passes by what started them (run, job, resync) and how they ended: ok, waiting (for "
+            "something outside the operator: a full ResourceQuota, an old run's children) or error.",
             ["trigger", "result"],
             registry=self.registry,
         )
@@ -172,6 +174,9 @@ class OperatorMetrics:
         started = time.perf_counter()
         try:
             result = fn()
+        except ChildBlocked:  # the user's side: the status says what it waits for; no operator error
+            self.reconciles.labels(trigger, "waiting").inc()
+            raise
         except BaseException:
             self.reconciles.labels(trigger, "error").inc()
             raise

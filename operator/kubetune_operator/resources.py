@@ -10,11 +10,13 @@ run's mutable fields do.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from kubetune_operator import api
 from kubetune_operator import constants as c
 from kubetune_operator.status import JobView
+from kubetune_trainer.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class RunRef:
 class OperatorSettings:
     """Operator-wide defaults (from the Helm values, through the Deployment's environment)."""
 
-    trainer_image: str = "ghcr.io/kubetune/trainer:latest"
+    trainer_image: str = c.TRAINER_IMAGE
     image_pull_policy: str = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
     prepare_backoff_limit: int = 2
@@ -96,13 +98,44 @@ def workspace_claim(run: RunRef, spec: api.TrainingRunSpec, settings: OperatorSe
     return claim
 
 
+def run_config(run: RunRef, spec: api.TrainingRunSpec) -> TrainConfig:
+    """The TrainConfig part of the spec as this run's trainer reads it.
+
+    A volume of the user's (storage.existingClaim) may serve several runs: each run's own relative paths
+    (checkpoints.dir, output.dir, dataset.preparedDir; the preflight report, progress and evaluation files
+    live in output.dir) go under runs/<run>/ there, so runs do not resume from, or export over, each other's
+    files. The data, the model and the model cache (HF_HOME) stay shared; an absolute path is the user's
+    explicit choice and stays too."""
+    config = spec.train_config()
+    if not spec.storage.existing_claim:
+        return config
+
+    def own(path: str) -> str:
+        return path if PurePosixPath(path).is_absolute() else str(PurePosixPath(c.RUNS_DIR, run.name, path))
+
+    prepared_dir = config.dataset.prepared_dir
+    return config.model_copy(
+        update={
+            "checkpoints": config.checkpoints.model_copy(update={"dir": own(config.checkpoints.dir)}),
+            "output": config.output.model_copy(update={"dir": own(config.output.dir)}),
+            "dataset": config.dataset.model_copy(update={"prepared_dir": prepared_dir and own(prepared_dir)}),
+        }
+    )
+
+
+def output_path(run: RunRef, spec: api.TrainingRunSpec) -> str:
+    """Where the adapter lands, as an absolute path in the trainer pods (status.output.path)."""
+    out = PurePosixPath(run_config(run, spec).output.dir)
+    return str(out if out.is_absolute() else PurePosixPath(c.WORKSPACE) / out)
+
+
 def trainer_config(run: RunRef, spec: api.TrainingRunSpec, settings: OperatorSettings) -> dict[str, Any]:
     """The trainer's config file: the TrainConfig part of the spec, as a local run would read it."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(run, c.CONFIG, settings),
-        "data": {c.CONFIG_FILE: spec.train_config().to_yaml()},
+        "data": {c.CONFIG_FILE: run_config(run, spec).to_yaml()},
     }
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 from kubetune_operator import api
@@ -44,6 +43,7 @@ class PodView:
     name: str
     phase: str
     created: str | None = None
+    scheduled: str | None = None  # when the scheduler bound it to a node (PodScheduled turned True)
     unschedulable: str | None = None  # the scheduler's message while it cannot place the pod
     waiting_reason: str | None = None  # e.g. ErrImagePull, ImagePullBackOff, CreateContainerConfigError
     waiting_message: str | None = None
@@ -74,6 +74,7 @@ class PodView:
             name=pod["metadata"]["name"],
             phase=status.get("phase", "Pending"),
             created=pod["metadata"].get("creationTimestamp"),
+            scheduled=scheduled.get("lastTransitionTime") if scheduled.get("status") == "True" else None,
             unschedulable=unschedulable,
             waiting_reason=waiting.get("reason"),
             waiting_message=waiting.get("message"),
@@ -83,6 +84,11 @@ class PodView:
             disrupted=conditions.get("DisruptionTarget", {}).get("status") == "True",
             owner_uid=controller_uid(pod),
         )
+
+    @property
+    def ended(self) -> bool:
+        """Its containers have stopped (a pod being deleted still runs until they do)."""
+        return self.phase in ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,8 @@ class Observation:
     previous: dict[str, Any]
     now: datetime
     volume: str | None = None
+    output: str | None = None  # the adapter's directory in the volume (resources.output_path)
+    pods: tuple[PodView, ...] = ()  # every pod with the run's label, also those of Jobs gone or replaced
     restarts: int = 0  # training pods that ended, and were replaced, while the run was not suspended
     create_error: str | None = None  # the API server refused to create a child (a 4xx): the run cannot go on
     blocked: tuple[str, str] | None = None  # (reason, message): a child cannot be created yet (transient)
@@ -188,7 +196,16 @@ def prepared(obs: Observation) -> bool:
     if obs.prepare is not None and obs.prepare.complete:
         return True
     before = {cond.get("type"): cond.get("status") for cond in obs.previous.get("conditions") or []}
-    return before.get("Initialized") == "True" or bool(obs.previous.get("jobName"))
+    return before.get(c.CONDITION_INITIALIZED) == "True" or bool(obs.previous.get("jobName"))
+
+
+def old_pods(obs: Observation) -> list[PodView]:
+    """The run's pods still running for no Job of the run now: a deleted training Job's (a Kueue suspension,
+    a retry, an invalid spec) whose trainer is still saving its checkpoint, or a deleted run's of the same name.
+    Deleting a Job frees its name at once, but a new training Job must not start a second trainer on the same
+    volume while one of these runs."""
+    current = {job.uid for job in (obs.prepare, obs.train) if job is not None and job.uid}
+    return [p for p in obs.pods if not p.ended and p.owner_uid not in current]
 
 
 def started(obs: Observation) -> bool:
@@ -295,8 +312,9 @@ def _image_pull(pod: PodView, now: datetime) -> tuple[bool, str] | None:
     """(given up, message) for a pod whose image does not pull."""
     if pod.waiting_reason not in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
         return None
-    created = _parse_time(pod.created)
-    waited = (now - created).total_seconds() if created else 0
+    # Counted from the pod's binding to a node, where the pull starts: a GPU pod can wait long for a node.
+    since = _parse_time(pod.scheduled or pod.created)
+    waited = (now - since).total_seconds() if since else 0
     given_up = pod.waiting_reason == "InvalidImageName" or waited >= c.IMAGE_PULL_GRACE_SECONDS
     detail = pod.waiting_message or pod.waiting_reason
     return given_up, (
@@ -390,13 +408,10 @@ def _phase(obs: Observation) -> Verdict:
             return Verdict(
                 c.SUSPENDED,
                 c.REASON_INVALID_SPEC,
-                f"{obs.invalid} The run is stopped (its Jobs suspended, its checkpoints kept). This can be undone: "
-                "restore a valid spec and it resumes from its newest checkpoint.",
+                c.MESSAGE_INVALID_WHILE_RUNNING.format(problem=obs.invalid),
                 stop_jobs=True,
             )
-        return Verdict(
-            c.FAILED, c.REASON_INVALID_SPEC, f"{obs.invalid} Fix it in a new TrainingRun (the spec is fixed)."
-        )
+        return Verdict(c.FAILED, c.REASON_INVALID_SPEC, c.MESSAGE_INVALID.format(problem=obs.invalid))
     spec = obs.spec
     assert spec is not None
     if obs.blocked is not None:
@@ -405,63 +420,59 @@ def _phase(obs: Observation) -> Verdict:
     prepare = obs.prepare
     if not prepared(obs):
         if prepare is None:
-            return Verdict(c.PENDING, "Creating", "Creating the run's volume, config and prepare Job.")
+            return Verdict(c.PENDING, c.REASON_CREATING, c.MESSAGE_CREATING)
         if prepare.failed_condition is not None:
             return Verdict(c.FAILED, *failure(prepare, spec, c.PREPARE))
         for pod in prepare.pending_pods:
             if (verdict := _pending(pod, obs, c.PREPARE, c.INITIALIZING)) is not None:
                 return verdict
-        return Verdict(c.INITIALIZING, "Preparing", "Fetching the model and checking and tokenizing the data.")
+        return Verdict(c.INITIALIZING, c.REASON_PREPARING, c.MESSAGE_PREPARING)
 
     train = obs.train
     trained_before = bool(prev.get("jobName"))
     if train is None:
+        lingering = old_pods(obs)
         if spec.suspend:
+            if lingering:  # a Kueue run's suspension deleted its Job; the trainer is saving its checkpoint
+                return Verdict(c.SUSPENDED, c.REASON_SUSPENDING, c.MESSAGE_SUSPENDING)
             if trained_before:
-                return Verdict(
-                    c.SUSPENDED, "Suspended", "Suspended with its checkpoint saved; set spec.suspend: false to resume."
-                )
-            return Verdict(c.SUSPENDED, "Suspended", "Suspended before training started; set spec.suspend: false.")
+                return Verdict(c.SUSPENDED, c.REASON_SUSPENDED, c.MESSAGE_SUSPENDED)
+            return Verdict(c.SUSPENDED, c.REASON_SUSPENDED, c.MESSAGE_SUSPENDED_BEFORE_TRAINING)
+        if lingering:
+            names = ", ".join(p.name for p in lingering)
+            return Verdict(c.QUEUED, c.REASON_OLD_PODS, c.MESSAGE_OLD_PODS.format(pods=names))
         if prev.get("reason") == c.REASON_RETRYING:
             return Verdict(c.QUEUED, c.REASON_RETRYING, prev.get("message", ""))
         if trained_before:
-            return Verdict(c.QUEUED, "Starting", "Creating the training Job; it resumes from the newest checkpoint.")
-        return Verdict(c.INITIALIZING, "Prepared", "Data and model are ready; creating the training Job.")
+            return Verdict(c.QUEUED, c.REASON_STARTING, c.MESSAGE_RESTARTING_JOB)
+        return Verdict(c.INITIALIZING, c.REASON_PREPARED, c.MESSAGE_PREPARED)
     if train.failed_condition is not None:
         return Verdict(c.FAILED, *failure(train, spec, c.TRAIN))
     if train.complete:
-        return Verdict(
-            c.SUCCEEDED,
-            "Completed",
-            f"Training finished; the adapter is on volume {obs.volume} in {output_path(spec)}.",
-        )
+        return Verdict(c.SUCCEEDED, c.REASON_COMPLETED, c.MESSAGE_COMPLETED.format(volume=obs.volume, path=obs.output))
     if spec.suspend:
         if train.running_pods:
-            return Verdict(c.SUSPENDED, "Suspending", "The trainer is saving a checkpoint before it stops.")
-        return Verdict(c.SUSPENDED, "Suspended", "Suspended with its checkpoint saved; set spec.suspend: false.")
+            return Verdict(c.SUSPENDED, c.REASON_SUSPENDING, c.MESSAGE_SUSPENDING)
+        return Verdict(c.SUSPENDED, c.REASON_SUSPENDED, c.MESSAGE_SUSPENDED)
     if train.suspended and (train.kueue or spec.queue_name):
-        return Verdict(
-            c.QUEUED, c.REASON_KUEUE, f"Waiting for Kueue to admit the training Job in queue {spec.queue_name}."
-        )
+        return Verdict(c.QUEUED, c.REASON_KUEUE, c.MESSAGE_KUEUE.format(queue=spec.queue_name))
     for pod in train.pending_pods:
         if (verdict := _pending(pod, obs, c.TRAIN, c.QUEUED)) is not None:
             return verdict
     if train.running_pods:
         restarts = max(obs.restarts, int(prev.get("restarts") or 0))
-        return Verdict(c.RUNNING, "Training", f"Training (attempt {restarts + 1})." if restarts else "Training.")
+        message = c.MESSAGE_TRAINING_AGAIN.format(attempt=restarts + 1) if restarts else c.MESSAGE_TRAINING
+        return Verdict(c.RUNNING, c.REASON_TRAINING, message)
     if train.pending_pods:
-        return Verdict(c.QUEUED, "Starting", "The training pod is starting.")
+        return Verdict(c.QUEUED, c.REASON_STARTING, c.MESSAGE_POD_STARTING)
     if train.failed_pods:
         last = train.failed_pods[-1]
         words = "" if last.disrupted else trainer_message(last)
         why = "was evicted" if last.disrupted else f"exited with code {last.exit_code}"
         return Verdict(
-            c.RUNNING,
-            "Restarting",
-            f"The training pod {why}{': ' + words if words else ''}; "
-            "starting another that resumes from the newest checkpoint.",
+            c.RUNNING, c.REASON_RESTARTING, c.MESSAGE_RESTARTING.format(why=why + (f": {words}" if words else ""))
         )
-    return Verdict(c.QUEUED, "Starting", "Waiting for the training pod to be created.")
+    return Verdict(c.QUEUED, c.REASON_STARTING, c.MESSAGE_POD_CREATING)
 
 
 @dataclass
@@ -502,48 +513,38 @@ class PodLedger:
         return len(self.restarted)
 
 
-def output_path(spec: api.TrainingRunSpec) -> str:
-    out = PurePosixPath(spec.output.dir)
-    return str(out if out.is_absolute() else PurePosixPath(c.WORKSPACE) / out)
-
-
-CONDITION_TYPES = ("Initialized", "Admitted", "Running", "Suspended", "Succeeded", "Failed")
-
-
 def _queued(obs: Observation) -> bool:
     """A Kueue run: its conditions include Admitted."""
     if obs.spec is not None:
         return bool(obs.spec.queue_name)
-    return any(cond.get("type") == "Admitted" for cond in obs.previous.get("conditions") or [])
+    return any(cond.get("type") == c.CONDITION_ADMITTED for cond in obs.previous.get("conditions") or [])
 
 
 def _conditions(obs: Observation, phase: str, reason: str, message: str, now: str) -> list[dict[str, Any]]:
     previous = {cond.get("type"): cond for cond in obs.previous.get("conditions") or []}
-    if phase in c.TERMINAL and "Admitted" in previous:
-        admitted = previous["Admitted"].get("status") == "True"  # the Job may be gone (TTL); what was, stays
+    if phase in c.TERMINAL and c.CONDITION_ADMITTED in previous:
+        admitted = previous[c.CONDITION_ADMITTED].get("status") == "True"  # the Job may be gone (TTL); what was, stays
     else:
         admitted = obs.train is not None and not obs.train.suspended
     truth = {
-        "Initialized": prepared(obs),
-        "Admitted": admitted,
-        "Running": phase == c.RUNNING,
-        "Suspended": phase == c.SUSPENDED,
-        "Succeeded": phase == c.SUCCEEDED,
-        "Failed": phase == c.FAILED,
+        c.CONDITION_INITIALIZED: prepared(obs),
+        c.CONDITION_ADMITTED: admitted,
+        c.CONDITION_RUNNING: phase == c.RUNNING,
+        c.CONDITION_SUSPENDED: phase == c.SUSPENDED,
+        c.CONDITION_SUCCEEDED: phase == c.SUCCEEDED,
+        c.CONDITION_FAILED: phase == c.FAILED,
     }
     out = []
-    for kind in CONDITION_TYPES:
-        if kind == "Admitted" and not _queued(obs):
+    for kind in c.CONDITION_TYPES:
+        if kind == c.CONDITION_ADMITTED and not _queued(obs):
             continue
         status = "True" if truth[kind] else "False"
         before = previous.get(kind)
-        if kind == "Initialized":
-            cond_reason, cond_message = ("Prepared", "Model and data are ready.") if truth[kind] else (reason, message)
-        elif kind == "Admitted":
+        if kind == c.CONDITION_INITIALIZED:
+            cond_reason, cond_message = (c.REASON_PREPARED, c.MESSAGE_INITIALIZED) if truth[kind] else (reason, message)
+        elif kind == c.CONDITION_ADMITTED:
             cond_reason, cond_message = (
-                (c.REASON_ADMITTED, "Kueue admitted the training Job.")
-                if truth[kind]
-                else (c.REASON_KUEUE, "The training Job waits for Kueue, or does not exist now.")
+                (c.REASON_ADMITTED, c.MESSAGE_ADMITTED) if truth[kind] else (c.REASON_KUEUE, c.MESSAGE_NOT_ADMITTED)
             )
         else:
             cond_reason, cond_message = (reason, message) if truth[kind] else ("", "")
@@ -594,8 +595,8 @@ def derive(obs: Observation) -> Derived:
         "startTime": prev.get("startTime") or train_started or (now if phase == c.RUNNING else None),
         "completionTime": _completion_time(obs, phase, now),
         "output": (
-            {"volume": obs.volume, "path": output_path(obs.spec)}
-            if obs.spec is not None and obs.volume
+            {"volume": obs.volume, "path": obs.output}
+            if obs.spec is not None and obs.volume and obs.output
             else prev.get("output")
         ),
     }

@@ -7,6 +7,7 @@ import json
 import helm_python
 import kubernetes_validate
 import pytest
+import yaml
 
 from tests.helm import CHART, KUBE_VERSIONS, MONITORING_ON, NAMESPACE, render
 
@@ -53,8 +54,17 @@ def test_the_operator_deployment_is_safe_to_run():
     spec = deployment["spec"]
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     (container,) = pod["containers"]
+    assert container["resources"] == yaml.safe_load((CHART / "values.yaml").read_text())["resources"]
+    assert (
+        container["resources"]["requests"].keys() == {"cpu", "memory"} and "memory" in container["resources"]["limits"]
+    )
     assert container["securityContext"] == {
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
@@ -70,12 +80,43 @@ def test_the_operator_deployment_is_safe_to_run():
     assert container["image"].endswith(":0.1.0"), "the chart's appVersion by default"
 
 
+def test_resources_come_from_the_values():
+    resources = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
+    (deployment,) = [o for o in render({"resources": resources}) if o["kind"] == "Deployment"]
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"] == resources
+
+
 def test_the_image_the_operator_runs_is_the_one_its_dockerfile_starts():
     """The Deployment's args go to the image's ENTRYPOINT: kopf with the liveness endpoint the probes ask for."""
     dockerfile = (CHART.parents[1] / "Dockerfile.operator").read_text()
     entrypoint = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT"))[10:])
     assert entrypoint[:3] == ["kopf", "run", "--standalone"]
     assert "--liveness=http://0.0.0.0:8081/healthz" in entrypoint
+
+
+def test_the_pod_runs_as_the_user_its_dockerfile_names():
+    dockerfile = (CHART.parents[1] / "Dockerfile.operator").read_text()
+    user = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")][-1]
+    (deployment,) = [o for o in render() if o["kind"] == "Deployment"]
+    context = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert user == f"{context['runAsUser']}:{context['runAsGroup']}"
+
+
+def test_a_metrics_port_of_its_own_reaches_the_service_the_pod_and_the_operator():
+    objects = {o["kind"]: o for o in render({"metrics": {"port": 9090}})}
+    (container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": 9090, "health": 8081}
+    assert {e["name"]: e["value"] for e in container["env"]}["KUBETUNE_METRICS_PORT"] == "9090"
+    assert objects["Service"]["spec"]["ports"][0]["port"] == 9090
+
+
+def test_the_health_port_is_refused_as_the_metrics_port():
+    """kopf's liveness endpoint holds 8081 (the image's ENTRYPOINT); /metrics there would never bind."""
+    with pytest.raises(helm_python.HelmError) as raised:
+        render({"metrics": {"port": 8081}})
+    assert "metrics.port: 8081 is the operator's health port" in str(raised.value)
+    assert "choose another port" in str(raised.value)
 
 
 def test_namespaced_mode_has_no_cluster_wide_rights():
@@ -103,9 +144,28 @@ def test_bad_values_are_refused_naming_the_value(values, named):
     assert named in str(raised.value)
 
 
-def test_notes_tell_the_user_what_to_run_next():
+def notes(values: dict) -> list[str]:
     chart = helm_python.Chart.load(str(CHART))
-    notes = chart.render({}, name="kubetune", namespace=NAMESPACE, is_install=True)["kubetune/templates/NOTES.txt"]
-    assert "rollout status deployment/kubetune-operator" in notes
-    assert "kubectl get trainingruns -w" in notes
-    assert "examples/trainingrun-cpu-tiny.yaml" in notes
+    text = chart.render(values, name="kubetune", namespace=NAMESPACE, is_install=True)["kubetune/templates/NOTES.txt"]
+    return [line.strip() for line in text.splitlines()]
+
+
+def test_notes_tell_the_user_what_to_run_next():
+    lines = notes({})
+    assert "It manages TrainingRuns in every namespace." in lines
+    assert f"kubectl -n {NAMESPACE} rollout status deployment/kubetune-operator" in lines
+    # Every namespace is watched: the example lands in the current one, and is seen there.
+    assert "kubectl apply -f examples/trainingrun-cpu-tiny.yaml" in lines
+    assert "kubectl get trainingruns -w" in lines
+    assert "kubectl describe trainingrun tiny-cpu" in lines
+
+
+def test_notes_send_the_first_run_to_a_watched_namespace():
+    """The example names no namespace: applied as is, it would land where the operator does not look."""
+    lines = notes({"watchNamespaces": ["ml", "team-b"]})
+    assert "It manages TrainingRuns in: ml, team-b (runs in other namespaces get no status)." in lines
+    assert "kubectl apply -n ml -f examples/trainingrun-cpu-tiny.yaml" in lines
+    assert "kubectl get trainingruns -n ml -w" in lines
+    assert "kubectl describe trainingrun -n ml tiny-cpu" in lines
+    commands = [line for line in lines if line.startswith("kubectl ") and "trainingrun" in line]
+    assert all(" -n " in line for line in commands), commands

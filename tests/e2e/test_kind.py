@@ -38,11 +38,25 @@ pytestmark = [
 
 def kubectl(*args: str, stdin: str | None = None, check: bool = True) -> str:
     result = subprocess.run(
-        ["kubectl", "--kubeconfig", KUBECONFIG or "", *args], input=stdin, capture_output=True, text=True, timeout=300
+        ["kubectl", "--kubeconfig", KUBECONFIG or "", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,  # relative paths as in the README and the chart's NOTES: from a checkout of kubetune
     )
     if check and result.returncode:
         raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
     return result.stdout
+
+
+# The chart's NOTES per installed namespace: the test runs the commands they tell the user to run.
+NOTES: dict[str, str] = {}
+
+
+def notes_command(namespace: str, start: str) -> list[str]:
+    (line,) = [x.strip() for x in NOTES[namespace].splitlines() if x.strip().startswith(start)]
+    return line.split()[1:]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +76,7 @@ def installed() -> Iterator[str]:
     kubectl("apply", "--server-side", "-f", str(CHART / "crds" / "trainingrun.yaml"))
     kubectl("apply", "-n", namespace, "-f", "-", stdin=manifests)
     kubectl("-n", namespace, "rollout", "status", "deployment/kubetune-operator", "--timeout=180s")
+    NOTES[namespace] = rendered["kubetune/templates/NOTES.txt"]
     yield namespace
     kubectl("delete", "namespace", namespace, "--wait=false", check=False)
     kubectl("delete", "clusterrole,clusterrolebinding", "-l", "app.kubernetes.io/instance=kubetune", check=False)
@@ -74,7 +89,10 @@ def run_status(namespace: str, name: str) -> dict[str, Any]:
 def test_the_cpu_example_trains_to_succeeded_with_live_progress(installed):
     namespace = installed
     manifest = yaml.safe_load((ROOT / "examples" / "trainingrun-cpu-tiny.yaml").read_text())
-    kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
+    # As the NOTES say, word for word: into the watched namespace, or the run would never get a status.
+    apply = notes_command(namespace, "kubectl apply")
+    assert apply == ["apply", "-n", namespace, "-f", "examples/trainingrun-cpu-tiny.yaml"]
+    kubectl(*apply)
     name = manifest["metadata"]["name"]
     seen_progress = None
     deadline = time.monotonic() + 1800
@@ -82,7 +100,7 @@ def test_the_cpu_example_trains_to_succeeded_with_live_progress(installed):
         status = run_status(namespace, name)
         if status.get("progress", {}).get("step"):
             seen_progress = status["progress"]
-            table = kubectl("-n", namespace, "get", "tr", name)
+            table = kubectl(*notes_command(namespace, "kubectl get trainingruns")[:-1], name)  # without -w
             assert "PROGRESS" in table and "ETA" in table
         if status.get("phase") in ("Succeeded", "Failed"):
             break

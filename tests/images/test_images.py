@@ -7,8 +7,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BASE = os.environ.get("KUBETUNE_BASE_IMAGE", "")
 CONTEXT = ("pyproject.toml", "trainer/kubetune_trainer", "operator/kubetune_operator", "examples/data")
+
+# The distribution's metadata, which the code reads (the operator's default trainer image tag).
+VERSION = "import importlib.metadata as m; print(m.version('kubetune'))"
+PROJECT_VERSION = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +51,7 @@ def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def build(context: Path, dockerfile: str, tag: str, *args: str) -> dict:
+    started = time.monotonic()
     result = docker(
         "build",
         "--network",
@@ -60,15 +67,18 @@ def build(context: Path, dockerfile: str, tag: str, *args: str) -> dict:
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     (info,) = json.loads(docker("image", "inspect", tag).stdout)
-    print(f"{tag}: {info['Size'] / 1e6:,.0f} MB")
+    print(f"{tag}: {info['Size'] / 1e6:,.0f} MB, built in {time.monotonic() - started:,.0f} s")
     return info
 
 
-def test_the_trainer_image_runs_kubetune_train_as_a_non_root_user(context):
+def torch_spec(context: Path) -> str:
     wheels = list((context / ".build" / "wheels").glob("torch-*.whl"))
-    torch = f"torch=={wheels[0].name.split('-')[1]}" if wheels else "torch"
+    return f"TORCH_SPEC=torch=={wheels[0].name.split('-')[1]}" if wheels else "TORCH_SPEC=torch"
+
+
+def test_the_trainer_image_runs_kubetune_train_as_a_non_root_user(context):
     info = build(
-        context, str(context / "Dockerfile.trainer"), "kubetune/trainer:test", "--build-arg", f"TORCH_SPEC={torch}"
+        context, str(context / "Dockerfile.trainer"), "kubetune/trainer:test", "--build-arg", torch_spec(context)
     )
     assert info["Config"]["User"] == "1000:1000"
     assert info["Config"]["Entrypoint"] == ["kubetune-train"]
@@ -82,6 +92,45 @@ def test_the_trainer_image_runs_kubetune_train_as_a_non_root_user(context):
     assert "bank-support-chat.jsonl" in data.stdout
     build_inputs = docker("run", "--rm", "--entrypoint", "ls", "kubetune/trainer:test", "/tmp", timeout=60)
     assert "build" not in build_inputs.stdout, "build-only inputs stay out of the image"
+    version = docker("run", "--rm", "--entrypoint", "python3", "kubetune/trainer:test", "-c", VERSION, timeout=60)
+    assert version.stdout.strip() == PROJECT_VERSION, version.stderr
+    # A plain `docker run` writes its output into the working directory, as the Jobs do on the run's volume.
+    workspace = docker(
+        "run", "--rm", "--entrypoint", "sh", "kubetune/trainer:test", "-c", "touch probe && stat -c %u:%g .", timeout=60
+    )
+    assert workspace.returncode == 0 and workspace.stdout.split() == ["1000:1000"], workspace.stderr
+
+
+def test_a_pyproject_edit_keeps_the_torch_layer(context):
+    """The dependency stage before and after an edit of pyproject.toml: only its last two layers (the COPY of
+    pyproject.toml and the install from it) change; torch and everything under it come from the cache."""
+
+    def layers() -> list[str]:
+        build(
+            context,
+            str(context / "Dockerfile.trainer"),
+            "kubetune/trainer-deps:test",
+            "--target",
+            "deps",
+            "--build-arg",
+            torch_spec(context),
+        )
+        (info,) = json.loads(docker("image", "inspect", "kubetune/trainer-deps:test").stdout)
+        return info["RootFS"]["Layers"]
+
+    pyproject = context / "pyproject.toml"
+    original = pyproject.read_text()
+    before = layers()
+    try:
+        pyproject.write_text(original + "# an edit\n")
+        after = layers()
+    finally:
+        pyproject.write_text(original)
+    assert len(after) == len(before)
+    kept = next((n for n, (a, b) in enumerate(zip(before, after, strict=True)) if a != b), len(before))
+    assert kept == len(before) - 2, f"only {kept} of {len(before)} layers kept: torch was installed again"
+    torch = docker("run", "--rm", "kubetune/trainer-deps:test", "/opt/venv/bin/pip", "show", "torch", timeout=60)
+    assert "Name: torch" in torch.stdout
 
 
 def test_the_operator_image_starts_kopf_with_the_probe_endpoint(context):
@@ -101,3 +150,5 @@ def test_the_operator_image_starts_kopf_with_the_probe_endpoint(context):
         timeout=120,
     )
     assert imports.stdout.strip() == "False", imports.stderr  # the operator image carries no torch
+    version = docker("run", "--rm", "--entrypoint", "python3", "kubetune/operator:test", "-c", VERSION, timeout=60)
+    assert version.stdout.strip() == PROJECT_VERSION, version.stderr

@@ -9,6 +9,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubetune_operator import constants as c
+from kubetune_operator.kube import ChildBlocked
 from kubetune_operator.metrics import PHASES, OperatorMetrics, run_samples
 
 T0 = datetime(2026, 11, 22, 10, tzinfo=timezone.utc)
@@ -174,3 +176,20 @@ def test_observe_counts_errors_and_times_every_pass() -> None:
     hist = "kubetune_operator_reconcile_duration_seconds_count"
     assert samples[(hist, (("trigger", "run"),))] == 2
     assert samples[(hist, (("trigger", "job"),))] == 1
+
+
+def test_a_pass_that_waits_on_the_users_side_is_no_error() -> None:
+    """A full ResourceQuota or an old run's children: the run waits (its status says so), the operator is fine,
+    so KubetuneOperatorReconcileErrors (result="error") must not fire for it."""
+    metrics = OperatorMetrics(lambda: [])
+
+    def blocked() -> None:
+        raise ChildBlocked(c.REASON_QUOTA, "Cannot create Job r-train yet: exceeded quota")
+
+    for _ in range(3):  # every resync
+        with pytest.raises(ChildBlocked):
+            metrics.observe("resync", blocked)
+    samples = scrape(metrics)
+    count = "kubetune_operator_reconciles_total"
+    assert samples[(count, (("result", "waiting"), ("trigger", "resync")))] == 3
+    assert (count, (("result", "error"), ("trigger", "resync"))) not in samples

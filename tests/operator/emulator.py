@@ -4,8 +4,9 @@ It does what a real API server does for the clients here (kopf, the kubernetes c
 the trainer): discovery; create/get/list/watch/patch/replace/delete; uid,
 resourceVersion, generation and creationTimestamp; the status subresource kept apart
 from the rest of the object; label and field selectors; merge and JSON patches (with the
-`test` op kopf uses for optimistic concurrency); finalizers and deletionTimestamp; and
-garbage collection of dependents by ownerReferences; and the Table answers `kubectl get`
+`test` op kopf uses for optimistic concurrency); finalizers and deletionTimestamp; graceful
+deletion of live pods (they stay, with a deletionTimestamp, until the kubelet has stopped
+them); garbage collection of dependents by ownerReferences; and the Table answers `kubectl get`
 asks for, built from the CRD's printer columns; and a log of every request (who made it,
 what it sent, how it was answered) for tests that count calls. It does not enforce schemas
 or admission: that is what the CRD and operator tests are for.
@@ -458,7 +459,7 @@ class ApiServer:
         self._bump(merged)
         key = (namespace if res.namespaced else None, name)
         meta = merged["metadata"]
-        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and not meta.get("deletionGracePeriodSeconds"):
             self.objects[res.key].pop(key, None)
             self._emit("DELETED", res, merged)
             self._collect_dependents(meta["uid"])
@@ -472,7 +473,15 @@ class ApiServer:
     ) -> dict[str, Any]:
         current = self.get(res, namespace, name)
         meta = current["metadata"]
-        if meta.get("finalizers") or graceful:
+        if graceful and (current.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+            # A live pod's containers get SIGTERM; the pod stays, being deleted, until the kubelet has stopped
+            # them (remove()). As in Kubernetes, where the kubelet's delete with grace period 0 ends it.
+            if meta.get("deletionTimestamp"):
+                return current
+            grace = (current.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+            mark = {"metadata": {"deletionTimestamp": now_iso(), "deletionGracePeriodSeconds": grace}}
+            return self.update(res, namespace, name, lambda o: merge_patch(o, mark))
+        if meta.get("finalizers"):
             if not meta.get("deletionTimestamp"):
                 return self.update(
                     res, namespace, name, lambda o: merge_patch(o, {"metadata": {"deletionTimestamp": now_iso()}})

@@ -11,7 +11,8 @@ exits: phases, exit codes, termination messages (FallbackToLogsOnError included)
 OOMKilled and DisruptionTarget, and the Job's podFailurePolicy, backoffLimit,
 activeDeadlineSeconds, ttlSecondsAfterFinished and suspend semantics. A container whose
 environment names a missing Secret or ConfigMap key waits in CreateContainerConfigError,
-as the kubelet's does, until it exists.
+as the kubelet's does, until it exists. `hold` freezes a container's processes (a pod that stays
+Running, e.g. across an operator restart) until `release`.
 
 It also plays Kueue for the queues a test opens (`open_queue`): a Job with the
 kueue.x-k8s.io/queue-name label of an open queue is admitted, and Kueue unsuspends any
@@ -165,6 +166,21 @@ class JobRunner:
             os.killpg(self.processes[uid].proc.pid, signal.SIGKILL)
 
         self.server.call(kill)
+
+    def hold(self, namespace: str, pod: str) -> None:
+        """Freeze the container's processes (SIGSTOP), e.g. a trainer in a long step: the pod stays Running and
+        signals (a deletion's SIGTERM) wait until `release`. Release within the pod's grace period."""
+        self._signal(namespace, pod, signal.SIGSTOP)
+
+    def release(self, namespace: str, pod: str) -> None:
+        self._signal(namespace, pod, signal.SIGCONT)
+
+    def _signal(self, namespace: str, pod: str, sig: signal.Signals) -> None:
+        def send() -> None:
+            process = next(p for p in self.processes.values() if p.pod == f"{namespace}/{pod}")
+            os.killpg(process.proc.pid, sig)
+
+        self.server.call(send)
 
     def pod_log(self, namespace: str, pod: str) -> str:
         """The container's output, also after the pod is gone (like `kubectl logs --previous`)."""

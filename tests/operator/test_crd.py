@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune_operator import api, crd
+from kubetune_operator import constants as c
 from tests.helm import KUBE_VERSIONS
 
 CRD = crd.render()
@@ -68,6 +69,54 @@ def test_defaults_are_there_for_the_api_server_to_apply():
     assert props["training"]["properties"]["learningRate"]["default"] == 2e-4
     assert props["maxRestarts"]["default"] == 3
     assert props["resources"]["properties"]["gpu"]["default"] == 1
+
+
+STATUS_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+
+
+def at(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    for name in path.split("."):
+        schema = schema["items"] if name == "[]" else schema["properties"][name]
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("schema", "path", "values"),
+    [
+        (SPEC_SCHEMA, "dataset.format", ["auto", "prompt_completion", "chat", "text"]),
+        (SPEC_SCHEMA, "lora.bias", ["none", "all", "lora_only"]),
+        (SPEC_SCHEMA, "training.precision", ["auto", "bf16", "fp16", "fp32"]),
+        (SPEC_SCHEMA, "training.lrScheduler", ["cosine", "linear", "constant", "constant_with_warmup"]),
+        (SPEC_SCHEMA, "model.attnImplementation", ["auto", "eager", "sdpa", "flash_attention_2"]),
+        (SPEC_SCHEMA, "imagePullPolicy", ["Always", "IfNotPresent", "Never"]),
+        (SPEC_SCHEMA, "tolerations.[].operator", ["Exists", "Equal"]),
+        (SPEC_SCHEMA, "tolerations.[].effect", ["NoSchedule", "PreferNoSchedule", "NoExecute"]),
+        # ARCHITECTURE.md contract 4, and the operator's own constants.
+        (STATUS_SCHEMA, "phase", ["Pending", "Initializing", "Queued", "Running", "Suspended", "Succeeded", "Failed"]),
+        (STATUS_SCHEMA, "phase", list(c.PHASES)),
+    ],
+)
+def test_enums_reach_the_schema(schema, path, values):
+    assert at(schema, path)["enum"] == values
+
+
+@pytest.mark.parametrize(
+    ("schema", "obj"),
+    [
+        (SPEC_SCHEMA, {**VALID, "dataset": {"path": "d.jsonl", "format": "csv"}}),
+        (SPEC_SCHEMA, {**VALID, "lora": {"bias": "some"}}),
+        (SPEC_SCHEMA, {**VALID, "imagePullPolicy": "Sometimes"}),
+        (SPEC_SCHEMA, {**VALID, "tolerations": [{"key": "k", "operator": "In"}]}),
+        (STATUS_SCHEMA, {"phase": "Done"}),
+    ],
+)
+def test_the_schema_rejects_a_value_outside_an_enum(schema, obj):
+    import jsonschema
+
+    with pytest.raises(jsonschema.ValidationError, match="is not one of"):
+        jsonschema.Draft4Validator(schema).validate(obj)  # OpenAPI 3.0 keywords are draft 4's
+    valid = {"phase": "Running"} if schema is STATUS_SCHEMA else VALID
+    jsonschema.Draft4Validator(schema).validate(valid)
 
 
 def test_printer_columns_and_names():

@@ -52,9 +52,9 @@ def kube(server: ApiServer, tmp_path_factory: pytest.TempPathFactory) -> Kube:
 class Run:
     """One TrainingRun in the emulator, and what the operator remembers of it."""
 
-    def __init__(self, server: ApiServer, kube: Kube, **spec: Any) -> None:
+    def __init__(self, server: ApiServer, kube: Kube, name: str | None = None, **spec: Any) -> None:
         self.server, self.kube = server, kube
-        self.name = f"r{next(_names)}"
+        self.name = name or f"r{next(_names)}"
         self.memory = RunMemory()
         self.events: list[dict[str, Any]] = []
         body = {"metadata": {"name": self.name, "namespace": NS}, "spec": {**SPEC, **spec}}
@@ -122,6 +122,36 @@ class Run:
             self.server.update(res, NS, made["metadata"]["name"], lambda o: {**o, "status": status}, "status")
 
         self.server.call(make)
+
+    def pods(self) -> list[dict[str, Any]]:
+        """Every pod with the run's label, of any Job."""
+        return self.server.call(lambda: self.server.list(self.server.resource(*PODS), NS, f"{c.LABEL_RUN}={self.name}"))
+
+    def stop_pods(self, exit_code: int = c.EXIT_SIGTERM) -> None:
+        """The kubelet's end of a graceful delete: the trainer exits (after its checkpoint), the pod goes."""
+        res = self.server.resource(*PODS)
+        ended = {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "name": c.CONTAINER,
+                    "image": "x",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}},
+                }
+            ],
+        }
+        for pod in self.pods():
+            name = pod["metadata"]["name"]
+            if pod["metadata"].get("deletionTimestamp"):
+
+                def end(name: str = name) -> None:
+                    self.server.update(res, NS, name, lambda o: {**o, "status": ended}, "status")
+                    self.server.remove(res, NS, name)
+
+                self.server.call(end)
 
     def made(self, method: str, pattern: str, status: int | None = None) -> list[Any]:
         """The operator's requests about this run (by the path, or the name of what it created)."""
@@ -248,13 +278,41 @@ def test_a_kueue_run_is_suspended_by_deleting_its_job_and_queued_again_on_resume
     run.pod(c.TRAIN)
     assert run.reconcile().phase == c.RUNNING
     run.patch_spec(suspend=True)
-    assert run.reconcile().summary == (c.SUSPENDED, "Suspended")
+    assert run.reconcile().summary == (c.SUSPENDED, c.REASON_SUSPENDING), "the trainer is saving its checkpoint"
     assert run.job(c.TRAIN) is None, "deleted: Kueue would start a suspended admitted Job again"
     assert not run.made("PATCH", rf"/jobs/{run.name}-train$"), "never suspended"
+    run.stop_pods()
+    assert run.reconcile().summary == (c.SUSPENDED, c.REASON_SUSPENDED)
     run.patch_spec(suspend=False)
     assert run.reconcile().summary == (c.QUEUED, c.REASON_KUEUE)
     assert run.job(c.TRAIN)["spec"]["suspend"] is True
     assert run.status["restarts"] == 0
+
+
+def test_a_quick_resume_waits_for_the_deleted_jobs_trainer_before_making_a_new_job(server, kube):
+    """Deleting a Job (Background propagation) frees its name at once while its pod still checkpoints on
+    SIGTERM: a new training Job then would start a second trainer on the same volume."""
+    run = Run(server, kube, queueName="team-a")
+    run.reconcile()
+    run.finish(c.PREPARE)
+    run.reconcile()
+    admit = lambda o: merge_patch(o, {"spec": {"suspend": False}})  # noqa: E731 - what Kueue does
+    server.call(lambda: server.update(server.resource(*JOBS), NS, f"{run.name}-train", admit))
+    run.pod(c.TRAIN)
+    assert run.reconcile().phase == c.RUNNING
+    run.patch_spec(suspend=True)
+    run.reconcile()
+    (old,) = [p for p in run.pods() if p["metadata"].get("deletionTimestamp")]
+    run.patch_spec(suspend=False)  # at once: the old trainer is still saving
+    for _ in range(2):  # and again on the next resync
+        waiting = run.reconcile()
+        assert waiting.summary == (c.QUEUED, c.REASON_OLD_PODS)
+        assert f"Waiting for pod {old['metadata']['name']}, left from an earlier Job of this run" in waiting.message
+        assert run.job(c.TRAIN) is None, "no second trainer on the volume"
+    run.stop_pods()
+    assert run.reconcile().summary == (c.QUEUED, c.REASON_KUEUE)
+    assert run.job(c.TRAIN) is not None
+    assert [e["reason"] for e in run.events][-3:] == [c.REASON_SUSPENDING, c.REASON_OLD_PODS, c.REASON_KUEUE]
 
 
 def test_a_stale_body_makes_no_second_status_patch_or_event(server, kube):
@@ -405,3 +463,38 @@ def error(status: int, message: str = "") -> ApiException:
 )
 def test_what_is_transient(exc, transient):
     assert is_transient(exc) is transient
+
+
+def test_a_run_applied_again_under_its_name_starts_afresh_when_the_operator_missed_the_deletion(server, kube, memo):
+    """What the operator remembers of a run (its last status, its pods) belongs to that run's uid: a run of the
+    same name applied after a deletion whose DELETED event was missed must not inherit the old run's status."""
+    old = Run(server, kube)
+    on_run(old, memo)
+    old.finish(c.PREPARE)
+    on_run(old, memo)
+    old.finish(c.TRAIN)
+    on_run(old, memo)
+    assert old.status["phase"] == c.SUCCEEDED
+    server.call(lambda: server.delete(server.resource(*RUNS), NS, old.name))  # remember_run never hears of it
+    new = Run(server, kube, name=old.name)
+    on_run(new, memo)
+    assert (new.status["phase"], new.status["reason"]) == (c.INITIALIZING, c.REASON_PREPARING)
+    assert new.job(c.PREPARE)["metadata"]["ownerReferences"][0]["uid"] == new.body()["metadata"]["uid"]
+
+
+def test_a_run_waiting_on_a_full_quota_is_counted_as_waiting_not_as_an_operator_error(server, kube, memo):
+    """A ResourceQuota is the user's side: KubetuneOperatorReconcileErrors must not fire for it."""
+    run = Run(server, kube)
+    quota = 'jobs.batch "x" is forbidden: exceeded quota: team-a, requested: count/jobs.batch=1, used: 10, limited: 10'
+    server.call(lambda: server.fail("POST", rf"/namespaces/{NS}/jobs$", status=403, times=2, message=quota))
+    with pytest.raises(kopf.TemporaryError):
+        on_run(run, memo)
+    with pytest.raises(ChildBlocked):  # the resync's pass
+        handlers._reconcile_locked(memo, run.body(), "resync")
+    assert (run.status["phase"], run.status["reason"]) == (c.PENDING, c.REASON_QUOTA)
+    count = memo.metrics.registry.get_sample_value
+    for trigger in ("run", "resync"):
+        assert count("kubetune_operator_reconciles_total", {"trigger": trigger, "result": "waiting"}) == 1
+        assert count("kubetune_operator_reconciles_total", {"trigger": trigger, "result": "error"}) is None
+    on_run(run, memo)  # the quota has room again
+    assert run.status["phase"] == c.INITIALIZING

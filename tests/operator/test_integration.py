@@ -276,14 +276,26 @@ def test_a_queued_run_waits_for_kueue_and_suspends_without_fighting_it(cluster, 
     assert {x["type"]: x["status"] for x in cluster.status("queued")["conditions"]}["Admitted"] == "True"
 
     # Suspending deletes the Job (its pod saves a checkpoint on SIGTERM); a suspended Job would be restarted.
-    cluster.patch_run("queued", {"suspend": True})
-    cluster.wait_phase("queued", "Suspended")
-    wait_for(lambda: cluster.pods("queued-train") == [], 60, "the pod to stop")
+    # The trainer is held mid-step, so it is still running on the volume when the run is resumed at once.
+    cluster.runner.hold(NAMESPACE, first["metadata"]["name"])
+    try:
+        cluster.patch_run("queued", {"suspend": True})
+        wait_for(lambda: cluster.status("queued").get("reason") == "Suspending", 60, "Suspended/Suspending")
+        jobs = lambda: [j["metadata"]["name"] for j in cluster.children("jobs", "queued", "batch")]  # noqa: E731
+        assert jobs() == ["queued-prepare"]
+        cluster.patch_run("queued", {"suspend": False})
+        status = wait_for(
+            lambda: cluster.status("queued") if cluster.status("queued").get("reason") == "WaitingForOldPods" else None,
+            60,
+            "WaitingForOldPods",
+        )
+        assert status["phase"] == "Queued" and first["metadata"]["name"] in status["message"]
+        assert jobs() == ["queued-prepare"], "no second trainer on the volume while the first still runs"
+    finally:
+        cluster.runner.release(NAMESPACE, first["metadata"]["name"])
     stopped = int(wait_log(cluster, first, r"Stopped by SIGTERM at step (\d+)").group(1))
-    assert [j["metadata"]["name"] for j in cluster.children("jobs", "queued", "batch")] == ["queued-prepare"]
 
-    # Resuming makes the Job again, suspended for Kueue to admit; it resumes from the checkpoint.
-    cluster.patch_run("queued", {"suspend": False})
+    # Once it has stopped, the Job is made again, suspended for Kueue to admit; it resumes from the checkpoint.
     status = cluster.wait_phase("queued", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status
     second = next(p for p in cluster.pods("queued-train") if p["metadata"]["name"] != first["metadata"]["name"])
@@ -291,7 +303,8 @@ def test_a_queued_run_waits_for_kueue_and_suspends_without_fighting_it(cluster, 
         NAMESPACE, second["metadata"]["name"]
     )
     assert status["restarts"] == 0, "a suspension is not a failure"
-    assert [e["reason"] for e in cluster.events("queued")].count("Suspended") == 1
+    reasons = [e["reason"] for e in cluster.events("queued")]
+    assert reasons[reasons.index("Suspending") :][:2] == ["Suspending", "WaitingForOldPods"], reasons
 
 
 def test_an_image_that_cannot_be_pulled_fails_the_run_and_stops_its_job(cluster, operator, seed):
@@ -325,23 +338,62 @@ def test_deleting_a_run_removes_its_children_but_keeps_the_adapter_volume(cluste
     assert (cluster.workspace("gone") / "output" / "adapter_model.safetensors").is_file()
 
 
-def test_an_operator_restart_picks_up_a_run_that_finished_meanwhile_and_creates_nothing(cluster, operator, seed):
+def test_runs_sharing_an_existing_claim_keep_their_checkpoints_and_adapters_apart(cluster, operator, seed):
+    """Two runs on one claim of the user's, with the default relative paths: each trains from scratch and
+    exports its own adapter, under runs/<run>/; the data and the model on the claim are shared."""
+    claim = cluster.runner.volume(NAMESPACE, "team-data")
+    seed(claim)
+    runs = ("shared-a", "shared-b")
+    for run in runs:
+        cluster.apply_run(run, tiny_spec(**{"storage.existingClaim": "team-data"}))
+    for run in runs:
+        status = cluster.wait_phase(run, "Succeeded", "Failed")
+        assert status["phase"] == "Succeeded", status
+        assert status["output"] == {"volume": "team-data", "path": f"/workspace/runs/{run}/output"}
+        assert f"in /workspace/runs/{run}/output" in status["message"]
+        own = claim / "runs" / run
+        assert (own / "output" / "adapter_model.safetensors").is_file()
+        assert (own / "prepared" / "prepared.json").is_file()
+        assert (own / "checkpoints" / "checkpoint-12" / "manifest.json").is_file()
+        log = cluster.runner.pod_log(NAMESPACE, cluster.pods(f"{run}-train")[0]["metadata"]["name"])
+        assert "Resuming from" not in log, "trained from scratch, not from the other run's checkpoint"
+    assert not {"output", "checkpoints", "prepared"} & {p.name for p in claim.iterdir()}
+
+
+def test_an_operator_restart_while_the_trainer_runs_creates_nothing_and_the_run_succeeds(cluster, operator, seed):
+    """The operator restarts while a trainer pod runs (held mid-step, so it cannot finish meanwhile), and a
+    mutable field was changed while it was down: the new operator adopts the live Job, makes nothing again."""
     seed(cluster.workspace("restart"))
     cluster.apply_run(
         "restart", tiny_spec(**{"training.maxSteps": 100, "evaluation.evalSteps": 50, "checkpoints.everySteps": 1000})
     )
-    train_pod(cluster, "restart")
+    pod = train_pod(cluster, "restart")
+    wait_log(cluster, pod, r"step \d+/100 \(")
     cluster.wait_phase("restart", "Running")
-    operator.stop()
+    name = pod["metadata"]["name"]
+    cluster.runner.hold(NAMESPACE, name)
+    try:
+        operator.stop()
+        cluster.patch_run("restart", {"maxRestarts": 5})
+        since = len(cluster.server.log)
+        operator.start()
 
-    def finished() -> bool:
-        job = next(j for j in cluster.children("jobs", "restart", "batch") if j["metadata"]["name"] == "restart-train")
-        return any(x["type"] == "Complete" for x in (job.get("status") or {}).get("conditions") or [])
+        def train_job() -> dict[str, Any]:
+            return next(
+                j for j in cluster.children("jobs", "restart", "batch") if j["metadata"]["name"] == "restart-train"
+            )
 
-    wait_for(finished, 180, "the training Job to finish while the operator is down")
-    assert cluster.status("restart")["phase"] == "Running", "nothing moved the phase while the operator was down"
-    since = len(cluster.server.log)
-    operator.start()
+        wait_for(lambda: train_job()["spec"]["backoffLimit"] == 5, 60, "the new operator to reach the live Job")
+        status = wait_for(
+            lambda: cluster.status("restart") if cluster.status("restart").get("observedGeneration") == 2 else None,
+            60,
+            "the new operator to write the run's status",
+        )
+        assert (status["phase"], status["reason"]) == ("Running", "Training")
+        live = cluster.pods("restart-train")
+        assert [p["metadata"]["name"] for p in live] == [name] and live[0]["status"]["phase"] == "Running"
+    finally:
+        cluster.runner.release(NAMESPACE, name)
     status = cluster.wait_phase("restart", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status
     made = [
@@ -353,7 +405,7 @@ def test_an_operator_restart_picks_up_a_run_that_finished_meanwhile_and_creates_
     assert not [r for r in cluster.server.log[since:] if r.user == OPERATOR_USER and r.status == 409]
     names = sorted(j["metadata"]["name"] for j in cluster.children("jobs", "restart", "batch"))
     assert names == ["restart-prepare", "restart-train"]
-    assert len(cluster.pods("restart-train")) == 1
+    assert [p["metadata"]["name"] for p in cluster.pods("restart-train")] == [name], "the same trainer finished"
     assert status["restarts"] == 0
 
 

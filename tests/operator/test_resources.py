@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
-from kubetune_operator import api
+from kubetune_operator import api, crd, handlers
 from kubetune_operator import constants as c
 from kubetune_operator import resources as r
 from kubetune_operator.status import JobView
@@ -108,6 +110,43 @@ def test_existing_claim_is_mounted_and_no_volume_is_made():
         assert volumes["workspace"]["persistentVolumeClaim"]["claimName"] == "team-data"
 
 
+def config_of(variant: str) -> Any:
+    return parse_config(by_kind(build(variant)[1])["ConfigMap"]["data"]["config.yaml"])
+
+
+def test_runs_sharing_an_existing_claim_keep_their_own_files_apart():
+    """On a claim of the user's, several runs share one volume: each run's own relative paths go under
+    runs/<run>/, the data and the model (cache) stay where they are."""
+    config = config_of("existing claim")
+    assert (config.checkpoints.dir, config.output.dir, config.dataset.prepared_dir) == (
+        "runs/my-run/checkpoints",
+        "runs/my-run/output",
+        "runs/my-run/prepared",
+    )
+    assert (config.dataset.path, config.model.name_or_path) == ("data/chat.jsonl", "Qwen/Qwen2.5-0.5B-Instruct")
+    spec = api.TrainingRunSpec.model_validate({**BASE, **VARIANTS["existing claim"]})
+    assert r.output_path(RUN, spec) == "/workspace/runs/my-run/output"
+    other = r.run_config(r.RunRef("other-run", "ml", "uid-2"), spec)
+    assert other.checkpoints.dir == "runs/other-run/checkpoints"
+    # The run's own volume is the run's alone: the paths stay as written.
+    assert (config_of("defaults").checkpoints.dir, config_of("defaults").output.dir) == ("checkpoints", "output")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "checkpoints", "output", "prepared"),
+    [
+        ({"output": {"dir": "/mnt/adapters/a"}}, "runs/my-run/checkpoints", "/mnt/adapters/a", "runs/my-run/prepared"),
+        ({"checkpoints": {"dir": "./ckpt"}}, "runs/my-run/ckpt", "runs/my-run/output", "runs/my-run/prepared"),
+        ({"dataset": {"path": "d.jsonl", "preparedDir": None}}, "runs/my-run/checkpoints", "runs/my-run/output", None),
+    ],
+)
+def test_absolute_paths_on_an_existing_claim_are_the_users_choice(overrides, checkpoints, output, prepared):
+    spec = api.TrainingRunSpec.model_validate({**BASE, "storage": {"existingClaim": "team-data"}, **overrides})
+    config = r.run_config(RUN, spec)
+    assert (config.checkpoints.dir, config.output.dir, config.dataset.prepared_dir) == (checkpoints, output, prepared)
+    assert r.output_path(RUN, spec) == (output if output.startswith("/") else f"/workspace/{output}")
+
+
 def test_the_trainer_may_patch_its_own_status_and_nothing_else():
     role = by_kind(build("defaults")[1])["Role"]
     assert role["rules"] == [
@@ -161,6 +200,9 @@ def test_gpus_scheduling_and_lifecycle_reach_the_job():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert container["args"] == ["run", "/etc/kubetune/config.yaml", "--expect-gpus", "4"]
     assert container["image"] == "registry.local/custom:1"
+    assert container["imagePullPolicy"] == "Always"
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["affinity"] == VARIANTS["everything"]["affinity"]
     assert pod["nodeSelector"] == {"pool": "training", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["priorityClassName"] == "training-high"
     assert pod["terminationGracePeriodSeconds"] == 120
@@ -173,8 +215,32 @@ def test_gpus_scheduling_and_lifecycle_reach_the_job():
     assert env[c.TERMINATION_ENV]["value"] == c.TERMINATION_LOG
     # The prepare pod goes where the training pod will (the volume binds in its zone), without GPUs.
     prepare = kinds["my-run-prepare"]["spec"]["template"]["spec"]
-    assert prepare["nodeSelector"] == pod["nodeSelector"]
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+        assert prepare[key] == pod[key], key
+    assert prepare["containers"][0]["image"] == container["image"]
+    assert prepare["containers"][0]["imagePullPolicy"] == "Always"
     assert "nvidia.com/gpu" not in prepare["containers"][0]["resources"]["limits"]
+
+
+def test_without_scheduling_fields_the_pods_carry_none_and_the_operators_image_settings():
+    for job in ("my-run-prepare", "my-run-train"):
+        pod = by_kind(build("defaults")[1])[job]["spec"]["template"]["spec"]
+        assert not {"tolerations", "affinity", "priorityClassName"} & set(pod), job
+        container = pod["containers"][0]
+        assert (container["image"], container["imagePullPolicy"]) == (SETTINGS.trainer_image, "IfNotPresent")
+    settings = r.OperatorSettings(trainer_image="x:1", image_pull_policy="Always")
+    spec = api.TrainingRunSpec.model_validate(BASE)
+    container = r.train_job(RUN, spec, settings)["spec"]["template"]["spec"]["containers"][0]
+    assert container["imagePullPolicy"] == "Always"
+
+
+def test_the_default_trainer_image_is_the_releases_and_the_charts():
+    """One default: the package version; the chart's trainer.image (which it hands the operator) agrees."""
+    values = yaml.safe_load((crd.ROOT / "helm" / "kubetune" / "values.yaml").read_text())
+    expected = f"ghcr.io/kubetune/trainer:{metadata.version('kubetune')}"
+    assert r.OperatorSettings().trainer_image == expected
+    assert handlers.settings_from_env({}).trainer_image == expected
+    assert values["trainer"]["image"] == expected, "helm/kubetune/values.yaml trainer.image"
 
 
 def test_cpu_only_runs_ask_for_no_gpu():

@@ -21,6 +21,10 @@ def make_spec(**overrides: Any) -> api.TrainingRunSpec:
     return api.TrainingRunSpec.model_validate({**SPEC, **overrides})
 
 
+def ago(seconds: float) -> str:
+    return (NOW - timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+
+
 def pod(
     phase: str = "Running",
     *,
@@ -32,7 +36,11 @@ def pod(
     unschedulable: str | None = None,
     disrupted: bool = False,
     age: float = 10,
+    scheduled: float | None = None,
+    owner: str | None = None,
+    deleting: bool = False,
 ) -> dict[str, Any]:
+    """A pod `age` seconds old, bound to a node `scheduled` seconds ago, controlled by the Job of uid `owner`."""
     state: dict[str, Any] = {}
     if exit_code is not None:
         state = {"terminated": {"exitCode": exit_code, "reason": reason or "Error", "message": message}}
@@ -43,11 +51,17 @@ def pod(
         conditions.append(
             {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable}
         )
+    if scheduled is not None:
+        conditions.append({"type": "PodScheduled", "status": "True", "lastTransitionTime": ago(scheduled)})
     if disrupted:
         conditions.append({"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"})
-    created = (NOW - timedelta(seconds=age)).isoformat().replace("+00:00", "Z")
+    meta: dict[str, Any] = {"name": f"p-{phase}-{exit_code}-{age}", "creationTimestamp": ago(age)}
+    if owner is not None:
+        meta["ownerReferences"] = [{"kind": "Job", "name": "r-train", "uid": owner, "controller": True}]
+    if deleting:
+        meta["deletionTimestamp"] = ago(1)
     return {
-        "metadata": {"name": f"p-{phase}-{exit_code}-{age}", "creationTimestamp": created},
+        "metadata": meta,
         "status": {
             "phase": phase,
             "conditions": conditions,
@@ -97,7 +111,9 @@ def observe(
     spec: api.TrainingRunSpec | None = None,
     previous: dict[str, Any] | None = None,
     invalid: str | None = None,
+    pods: tuple[dict[str, Any], ...] = (),
 ) -> Observation:
+    """What the operator saw; `pods` are every pod with the run's label (also those of Jobs gone)."""
     return Observation(
         name="r",
         generation=1,
@@ -108,6 +124,8 @@ def observe(
         previous=previous or {},
         now=NOW,
         volume="r-workspace",
+        output="/workspace/output",
+        pods=tuple(PodView.from_dict(p) for p in pods),
     )
 
 
@@ -148,6 +166,20 @@ CASES = {
     ),
     "image never pulls": (
         observe(PREPARED, job("r-train", pod("Pending", waiting="ImagePullBackOff", age=600))),
+        c.FAILED,
+        c.REASON_IMAGE_PULL,
+        "Cannot pull the trainer image",
+    ),
+    # The grace counts from the pod's binding to a node: a GPU pod that waited long for one is not failed
+    # on its first, maybe transient, pull error.
+    "image pulling, after a long wait for a node": (
+        observe(PREPARED, job("r-train", pod("Pending", waiting="ErrImagePull", age=900, scheduled=20))),
+        c.QUEUED,
+        c.REASON_IMAGE_PULL,
+        "Check spec.image",
+    ),
+    "image never pulls, long after the pod was scheduled": (
+        observe(PREPARED, job("r-train", pod("Pending", waiting="ImagePullBackOff", age=900, scheduled=600))),
         c.FAILED,
         c.REASON_IMAGE_PULL,
         "Cannot pull the trainer image",
@@ -378,6 +410,56 @@ CASES = {
         c.SUSPENDED,
         "Suspended",
         "checkpoint saved; set spec.suspend: false to resume",
+    ),
+    # A deleted training Job (a Kueue suspension, a retry) frees its name at once; its pod still saves.
+    "a deleted training Job's pod still runs: no new Job yet": (
+        observe(
+            PREPARED,
+            previous={"phase": c.SUSPENDED, "jobName": "r-train"},
+            pods=(pod("Running", owner="old-train-uid", deleting=True),),
+        ),
+        c.QUEUED,
+        c.REASON_OLD_PODS,
+        "Waiting for pod p-Running-None-10, left from an earlier Job of this run, to stop before the training Job",
+    ),
+    "a retry waits for the failed Job's last pod to stop": (
+        observe(
+            PREPARED,
+            previous={"phase": c.QUEUED, "reason": c.REASON_RETRYING, "jobName": "r-train"},
+            pods=(pod("Running", owner="old-train-uid", deleting=True),),
+        ),
+        c.QUEUED,
+        c.REASON_OLD_PODS,
+        "two trainers must not share the run's volume",
+    ),
+    "a Kueue run's suspension deleted its Job; the trainer still saves": (
+        observe(
+            PREPARED,
+            spec=make_spec(suspend=True, queueName="q"),
+            previous={"jobName": "r-train"},
+            pods=(pod("Running", owner="old-train-uid", deleting=True),),
+        ),
+        c.SUSPENDED,
+        c.REASON_SUSPENDING,
+        "saving a checkpoint",
+    ),
+    "a deleted training Job's pod that has stopped holds nothing back": (
+        observe(
+            PREPARED,
+            previous={"phase": c.SUSPENDED, "jobName": "r-train"},
+            pods=(pod("Failed", exit_code=143, owner="old-train-uid", deleting=True),),
+        ),
+        c.QUEUED,
+        c.REASON_STARTING,
+        "Creating the training Job",
+    ),
+    "the run's own Jobs' pods are no old pods": (
+        observe(
+            PREPARED, job("r-train", pod("Running", owner="r-train-uid")), pods=(pod("Running", owner="r-train-uid"),)
+        ),
+        c.RUNNING,
+        c.REASON_TRAINING,
+        "Training.",
     ),
     "the API server refused a child": (
         replace(observe(PREPARED), create_error="The API server refused to create Job r-train (422): bad."),

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import resource
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -399,3 +401,30 @@ def test_an_interrupted_prune_is_finished(tmp_path):
 def test_prune_keeps_the_trackers_best_even_when_a_manifest_says_lower():
     saved = [ck(1, 0.50), ck(2, 0.49), ck(3), ck(4)]  # step 2 beat step 1 by less than minDelta
     assert [c.step for c in select_prunable(saved, keep=1, best_step=1)] == [2, 3]
+
+
+WATCHDOG = """
+import os, signal, sys, time
+from kubetune_trainer.guards import StopRequest
+
+stop = StopRequest(grace_seconds=0.5)
+stop.install()
+with stop.at_safe_points():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+    if sys.argv[1] == "saved":
+        stop.save_begins()
+        stop.save_ends()
+    time.sleep(30)  # stuck after the save (closing the sinks, a slow filesystem): the watchdog decides
+"""
+
+
+@pytest.mark.parametrize(
+    ("saved", "code", "says"), [("saved", 143, "after saving a checkpoint"), ("not", 75, "without")]
+)
+def test_the_watchdog_exit_says_whether_a_checkpoint_was_saved(tmp_path, saved, code, says):
+    script = tmp_path / "watchdog.py"
+    script.write_text(WATCHDOG)
+    proc = subprocess.run([sys.executable, str(script), saved], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == code, proc.stderr
+    assert says in proc.stderr

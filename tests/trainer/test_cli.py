@@ -111,14 +111,27 @@ def test_an_unwritable_checkpoints_dir_fails_preflight_with_exit_3(config_file, 
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
+def test_an_output_dir_that_is_a_file_fails_preflight_and_keeps_the_file(config_file, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = kubetune_train("preflight", str(config_file({"output": {"dir": str(blocker)}})))
+    assert proc.returncode == 3, proc.stderr
+    assert f"disk.output: output.dir={blocker} is not writable" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert blocker.read_text() == "not a directory"
+
+
 def test_help_lists_the_exit_codes():
     proc = kubetune_train("--help")
     assert proc.returncode == 0
-    for line in ("2    invalid configuration or data", "3    a preflight check of the environment failed", "75   "):
+    for line in (
+        "2    invalid configuration, or a dataset that cannot be read",
+        "3    a preflight check failed",
+        "75   ",
+    ):
         assert line in proc.stdout
     preflight = kubetune_train("preflight", "--help")
-    assert "2 when the config or data must change" in " ".join(preflight.stdout.split())
-    assert "3 when the environment failed (gpu.*, disk.*)" in " ".join(preflight.stdout.split())
+    assert "3 when a check failed, 2 when the dataset cannot be read" in " ".join(preflight.stdout.split())
 
 
 def test_missing_config_file_exits_2(tmp_path):

@@ -4,6 +4,7 @@ status the trainer itself reported to an API server (the emulator, over HTTP).""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,10 +65,32 @@ def test_compare_renders_two_output_directories_side_by_side(two_runs):
     assert table[1].split()[0] == "fast" and "3.0e-03" in table[1] and "1.0e-03" in table[2]
     base, tuned = rows[0].base["loss"], rows[0].test["loss"]
     assert f"{base:.4f}->{tuned:.4f}" in table[1], "test loss reads base->fine-tuned"
+    # Duration and throughput come from the run's metrics.json, formatted m:ss and with thousands separators.
+    for line, row, result in zip(table[1:], rows, runs.values(), strict=True):
+        wall, rate = result.metrics["wall_seconds"], result.metrics["tokens_per_second"]
+        assert row.duration_seconds == wall and row.tokens_per_second == rate and wall > 0 and rate > 0
+        cells = dict(zip(table[0].split(), line.split(), strict=True))
+        assert cells["TIME"] == f"{round(wall) // 60}m{round(wall) % 60:02d}s"
+        assert cells["TOK/S"] == f"{rate:,.0f}"
+
+
+def test_durations_read_hours_and_minutes_and_come_from_status_times():
+    assert compare._seconds_between("2025-03-01T10:00:00Z", "2025-03-01T11:02:03Z") == 3723
+    assert compare._duration(3723) == "1h02m" and compare._duration(65.4) == "1m05s" and compare._duration(None) == "-"
+    assert compare._seconds_between(None, "2025-03-01T11:02:03Z") is None
 
 
 def test_compare_reads_trainingruns_through_the_kubeconfig_and_prints_json(two_runs):
-    runs, _, kubeconfig = two_runs
+    runs, server, kubeconfig = two_runs
+    # The operator's share of the status (the emulator runs none): slow ran from 10:00:00 to 10:02:05.
+    times = {"startTime": "2025-03-01T10:00:00Z", "completionTime": "2025-03-01T10:02:05Z"}
+    trainingruns = server.resource("kubetune.io", "trainingruns")
+
+    def set_times(obj: dict) -> dict:
+        return {**obj, "status": {**obj["status"], **times}}
+
+    server.call(lambda: server.update(trainingruns, "ml", "slow", set_times, subresource="status"))
+    statuses = {name: server.call(lambda name=name: server.get(trainingruns, "ml", name))["status"] for name in runs}
     script = Path(sys.executable).with_name("kubectl-kubetune")  # what `kubectl kubetune` runs
     proc = subprocess.run(
         [str(script), "compare", "fast", "ml/slow", "-n", "ml", "--kubeconfig", str(kubeconfig), "-o", "json"],
@@ -84,6 +107,8 @@ def test_compare_reads_trainingruns_through_the_kubeconfig_and_prints_json(two_r
         assert row["test"]["exact_match"] == pytest.approx(result.evaluation.finetuned["exact_match"])
         assert row["base"]["loss"] == pytest.approx(result.evaluation.base["loss"])
         assert row["eval_loss"] == pytest.approx(result.metrics["eval_loss"])
+        assert row["tokens_per_second"] == statuses[name]["progress"]["tokensPerSecond"] > 0
+    assert [r["duration_seconds"] for r in rows] == [None, 125.0], "from startTime to completionTime"
 
 
 def test_compare_names_what_it_cannot_find(two_runs, tmp_path):
@@ -115,6 +140,21 @@ def test_eval_of_an_exported_adapter_reproduces_the_runs_own_evaluation(two_runs
         assert again[side] == pytest.approx(during[side], rel=1e-4), side
     assert (tmp_path / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
     assert "exact_match" in proc.stderr and "fine-tuned" in proc.stderr
+
+
+def test_eval_of_an_adapter_in_another_directory(two_runs, tmp_path):
+    """`--adapter DIR` evaluates that adapter, not the config's output.dir, and writes beside it."""
+    runs, _, _ = two_runs
+    fast, slow = runs["fast"].output_dir, runs["slow"].output_dir
+    copy = shutil.copytree(slow, tmp_path / "slow-adapter", ignore=shutil.ignore_patterns("eval.json", "predictions.*"))
+    before = (fast / "eval.json").read_text()
+    proc = kubetune_train("eval", str(fast / "config.yaml"), "--adapter", str(copy))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again, theirs, other = (json.loads((d / "eval.json").read_text()) for d in (copy, slow, fast))
+    assert again["finetuned"] == pytest.approx(theirs["finetuned"], rel=1e-4), "slow's adapter, on the same split"
+    assert again["finetuned"]["loss"] != pytest.approx(other["finetuned"]["loss"], rel=1e-4), "not fast's adapter"
+    assert (copy / "predictions.jsonl").read_text() == (slow / "predictions.jsonl").read_text()
+    assert (fast / "eval.json").read_text() == before, "the config's output.dir is left alone"
 
 
 def test_eval_without_a_test_split_says_what_to_set(two_runs, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 from contextlib import contextmanager
 
 import pytest
@@ -495,6 +496,43 @@ def test_prepared_dir_is_never_a_directory_with_other_files(tmp_path, qa_rows, t
         prepare_or_load(DatasetConfig(path=str(path), prepared_dir=str(other)), tokenizer)
     assert (data / "README.txt").read_text() == "mine"
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_a_prepared_dir_that_is_a_file_is_refused_and_kept(tmp_path, qa_rows, tokenizer):
+    from kubetune_trainer.data import prepare_or_load
+
+    path = write_jsonl(tmp_path / "train.jsonl", qa_rows)
+    before = path.read_bytes()
+    with pytest.raises(DataError, match=r"dataset.preparedDir=.*train.jsonl is a file, not a directory"):
+        prepare_or_load(DatasetConfig(path=str(path), prepared_dir=str(path)), tokenizer)
+    assert path.read_bytes() == before, "the training data itself was pointed at: never replaced"
+    blocker = tmp_path / "blocker"
+    blocker.write_text("mine")
+    with pytest.raises(DataError, match=r"dataset.preparedDir=.*blocker/prepared cannot be created"):
+        prepare_or_load(DatasetConfig(path=str(path), prepared_dir=str(blocker / "prepared")), tokenizer)
+    assert blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("damage", ["garbled meta", "truncated table", "missing table"])
+def test_damaged_prepared_data_is_tokenized_again(tmp_path, qa_rows, tokenizer, damage, caplog):
+    from kubetune_trainer.data import PREPARED_META, data_fingerprint, load_prepared, prepare_or_load
+
+    path = write_jsonl(tmp_path / "train.jsonl", qa_rows)
+    prepared = tmp_path / "prepared"
+    cfg = DatasetConfig(path=str(path), prepared_dir=str(prepared))
+    first = prepare_or_load(cfg, tokenizer)
+    (table,) = (prepared / "tokenized" / "train").glob("*.arrow")
+    if damage == "garbled meta":
+        (prepared / PREPARED_META).write_text('{"fingerprint": ')
+    elif damage == "truncated table":
+        os.truncate(table, table.stat().st_size // 2)
+    else:
+        table.unlink()
+    assert load_prepared(prepared, data_fingerprint(cfg, tokenizer)) is None
+    assert "is damaged" in caplog.text
+    again = prepare_or_load(cfg, tokenizer)  # rebuilt, and whole again
+    assert again.train["input_ids"] == first.train["input_ids"]
+    assert load_prepared(prepared, data_fingerprint(cfg, tokenizer)) is not None
 
 
 def test_prepared_data_is_reused_only_while_files_and_tokenizer_match(tmp_path, qa_rows, tokenizer):

@@ -260,3 +260,20 @@ def test_truncated_weights_exit_2_without_a_traceback(truncated_model, qa_file, 
     assert proc.returncode == 2, proc.stderr
     assert f"{truncated_model / 'model.safetensors'} is unreadable" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("files", "weights"),
+    [
+        (["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json"], "*.safetensors"),
+        (["config.json", "pytorch_model-00001-of-00002.bin", "tokenizer.model"], "*.bin"),
+    ],
+)
+def test_prepare_fetches_one_copy_of_the_weights(files, weights):
+    from kubetune_trainer.model import download_patterns
+
+    patterns = download_patterns(files, trust_remote_code=False)
+    (other,) = {"*.safetensors", "*.bin"} - {weights}
+    assert weights in patterns and other not in patterns, "one copy of the weights, not both"
+    assert "*.json" in patterns and "*.py" not in patterns
+    assert "*.py" in download_patterns(files, trust_remote_code=True)

@@ -51,7 +51,7 @@ def test_steps_and_warmup(make_config, overrides, rows, statuses, text):
     checks = check_steps(cfg, rows)
     assert [c.status for c in checks] == statuses
     assert any(text in c.message for c in checks)
-    assert all(c.input_error for c in checks if c.status == "fail")
+    assert not any(c.input_error for c in checks), "a failed check exits 3 (PreflightFailed)"
 
 
 @pytest.mark.parametrize(
@@ -172,8 +172,10 @@ def test_report_exit_codes():
     assert report.exit_code() == 0
     report.add(Check("gpu.cuda", "fail", "no GPU"))
     assert report.exit_code() == 3
-    report.add(Check("dataset", "fail", "bad line", input_error=True))
-    assert report.exit_code() == 2, "a fix in the config or data comes first"
+    report.add(Check("config.warmup", "fail", "warmup too long"))
+    assert report.exit_code() == 3, "a failed check of the config is a failed preflight too"
+    report.add(Check("dataset", "fail", "x.jsonl:3: field 'prompt' is missing", input_error=True))
+    assert report.exit_code() == 2, "an unreadable dataset is an invalid configuration"
     assert json.loads(json.dumps(report.to_dict()))["passed"] is False
 
 
@@ -241,7 +243,7 @@ def test_preflight_without_the_requested_gpu_exits_3(tmp_path, raw_config):
 def test_a_broken_model_still_gets_its_disk_checks(tmp_path, raw_config):
     raw_config["model"]["nameOrPath"] = str(tmp_path / "no-such-model")
     proc = kubetune_train("preflight", str(_write(tmp_path, raw_config)), "--json")
-    assert proc.returncode == 2, proc.stderr  # the config must change: not the environment's fault
+    assert proc.returncode == 3, proc.stderr  # the model check failed: PreflightFailed
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert checks["model.config"]["status"] == "fail"
     assert checks["disk.checkpoints"]["message"].startswith("skipped: needs the model config; checkpoints.dir=")
@@ -278,7 +280,7 @@ def test_run_refuses_a_chat_dataset_without_chat_template(tmp_path, raw_config, 
     raw_config["model"]["nameOrPath"] = str(model)
     raw_config["dataset"]["path"] = str(chat)
     proc = kubetune_train("run", str(_write(tmp_path, raw_config)))
-    assert proc.returncode == 2
+    assert proc.returncode == 3
     assert "model.chat_template: dataset.format is chat, but the model's tokenizer has no chat template" in proc.stderr
     report = json.loads((tmp_path / "out" / "preflight.json").read_text())
     assert report["passed"] is False
@@ -301,13 +303,13 @@ class Recorder(Sink):
 def test_prepare_reports_the_preflight_to_the_run_and_closes_its_sinks(tmp_path, raw_config, monkeypatch):
     from kubetune_trainer import sinks
     from kubetune_trainer.cli import build_parser
-    from kubetune_trainer.errors import ConfigError
+    from kubetune_trainer.errors import PreflightError
 
     recorder = Recorder()
     monkeypatch.setattr(sinks, "default_sinks", lambda cfg: [recorder])
     raw_config["training"]["warmupSteps"] = 10  # not shorter than the 4 steps: the preflight fails
     args = build_parser().parse_args(["prepare", str(_write(tmp_path, raw_config))])
-    with pytest.raises(ConfigError, match=r"config\.warmup: warmup"):
+    with pytest.raises(PreflightError, match=r"config\.warmup: warmup"):
         args.func(args)
     (report,) = recorder.preflights
     assert report["passed"] is False

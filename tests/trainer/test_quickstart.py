@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from kubetune_trainer.qa import (
 from kubetune_trainer.qa import (
     QATemplate,
     ambiguous_questions,
+    apportion,
     load_template_file,
     make_qa,
     read_records,
@@ -44,6 +46,44 @@ def test_a_template_field_missing_from_the_records_is_named():
         render_pairs(RECORDS, [QATemplate("natural", "{branch} in {city}?", "{routing_code}")], source="branches.csv")
 
 
+NATURAL = QATemplate("natural", "Where in {city} is {branch}?", "{routing_code}")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        # JSONL records need not share keys: the third lacks "city", which only the template uses.
+        (
+            "r.jsonl",
+            '{"branch": "Oak", "city": "Ash", "routing_code": "1"}\n\n{"branch": "Elm", "routing_code": "2"}\n',
+            r"r\.jsonl:3: field 'city' is missing, and template 'natural' uses it\. Add it to that record",
+        ),
+        ("r.jsonl", '{"branch": "Oak", "city": null, "routing_code": "1"}\n', r"r\.jsonl:1: field 'city' is empty"),
+        # An empty cell would give an empty question part or answer; the second record starts on line 4.
+        (
+            "r.csv",
+            'branch,city,routing_code\n"Oak\nPlaza",Ash,1\nElm,,2\nPine, ,3\n',
+            r"r\.csv:4: field 'city' is empty, and template 'natural' uses it \(1 more such values",
+        ),
+    ],
+)
+def test_a_record_missing_or_emptying_a_used_field_is_named_with_file_and_line(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    records, lines = read_records(tmp_path / name)
+    with pytest.raises(DataError, match=message):
+        render_pairs(records, [NATURAL], source=name, lines=lines)
+
+
+def test_records_know_the_line_they_start_on(tmp_path):
+    (tmp_path / "r.csv").write_text('branch,note\n"Oak\nPlaza",x\n\nElm,y\n')
+    assert read_records(tmp_path / "r.csv") == ([{"branch": "Oak\nPlaza", "note": "x"}, {"branch": "Elm", "note": "y"}],
+                                                [2, 5])  # fmt: skip
+    # A field no template uses may be empty or absent.
+    pairs = render_pairs([{"branch": "Oak", "routing_code": "1", "city": ""}, {"branch": "Elm", "routing_code": "2"}],
+                         [QATemplate("exact", "Code of {branch}?", "{routing_code}")])  # fmt: skip
+    assert len(pairs) == 2
+
+
 def test_branch_records_are_deterministic_with_distinct_codes():
     records = branch_records(40)
     assert records == branch_records(40)
@@ -65,6 +105,46 @@ def test_the_split_never_puts_one_question_in_two_splits():
     assert splits == split_pairs(pairs, 0.2, 0.2, seed=3), "deterministic for a seed"
     assert splits != split_pairs(pairs, 0.2, 0.2, seed=4)
     assert ambiguous_questions(pairs) == ["Question: Which branch has routing code 123123123?\nAnswer:"]
+
+
+def test_each_question_type_gets_its_share_of_every_split_however_unequal_the_types():
+    pairs = [{"prompt": f"big {i}?", "completion": " a", "kind": "big"} for i in range(100)]
+    pairs += [{"prompt": f"small {i}?", "completion": " b", "kind": "small"} for i in range(10)]
+    pairs.append({"prompt": "small 0?", "completion": " c", "kind": "small"})  # a second answer: same split
+    splits = split_pairs(pairs, 0.1, 0.1, seed=7)
+    questions = {
+        name: collections.Counter(kind for kind, _ in {(p["kind"], p["prompt"]) for p in rows})
+        for name, rows in splits.items()
+    }
+    # 10% of each type's questions, not 11 of all 110 dealt to the types in turn (which left
+    # {big: 88, small: 0} for training).
+    assert questions == {
+        "train": {"big": 80, "small": 8},
+        "validation": {"big": 10, "small": 1},
+        "test": {"big": 10, "small": 1},
+    }
+    where = collections.defaultdict(set)
+    for name, rows in splits.items():
+        for p in rows:
+            where[p["prompt"]].add(name)
+    assert len(where) == 110 and all(len(names) == 1 for names in where.values()), "one question, one split"
+    assert sum(map(len, splits.values())) == len(pairs), "every pair lands in exactly one split"
+    assert splits == split_pairs(pairs, 0.1, 0.1, seed=7), "deterministic for a seed"
+    assert splits != split_pairs(pairs, 0.1, 0.1, seed=8)
+
+
+def test_apportion_is_largest_remainder_with_ties_to_the_split_furthest_behind():
+    shares = {"validation": 0.25, "test": 0.25, "train": 0.5}
+    none_behind = dict.fromkeys(("validation", "test", "train"), 0.0)
+    # 7 x (0.25, 0.25, 0.5) = 1.75, 1.75, 3.5: floors 1, 1, 3; the 2 left go to the remainders .75 and .75.
+    assert apportion(7, shares, none_behind) == {"validation": 2, "test": 2, "train": 3}
+    # 2 -> 0.5, 0.5, 1: one left, a tie of remainders: test first, unless validation is further behind.
+    assert apportion(2, shares, none_behind) == {"validation": 0, "test": 1, "train": 1}
+    assert apportion(2, shares, {**none_behind, "validation": 0.5}) == {"validation": 1, "test": 0, "train": 1}
+    # Float noise (1 - 0.1 - 0.2 = 0.6999...) does not lose a question.
+    assert apportion(10, {"validation": 0.1, "test": 0.2, "train": 1 - 0.1 - 0.2}, none_behind) == {
+        "validation": 1, "test": 2, "train": 7,
+    }  # fmt: skip
 
 
 def test_make_qa_writes_splits_from_a_csv_and_a_template_file(tmp_path):

@@ -264,7 +264,7 @@ def test_kill_9_in_the_middle_of_a_save_leaves_the_previous_checkpoint_usable(ru
 
 
 def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_one_before_is_used(run_files, reference):
-    config = run_files("corrupt", **{"checkpoints.everySteps": 10})
+    config = run_files("corrupt", **{"checkpoints.everySteps": 10, "evaluation.highLossSamples": 2})
     stopped, _ = interrupt(config, r"step 2[3-6]/40 \(")
     newest = config.parent / "checkpoints" / f"checkpoint-{stopped}" / "adapter_model.safetensors"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated weights
@@ -272,7 +272,15 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_one_before_is_used(run
     log = run_to_end(config)
     assert "adapter_model.safetensors is 1000 bytes" in log
     assert "Resuming from checkpoint-20 (step 20" in log
-    assert_same_losses(config.parent / "output", reference)
+    out = config.parent / "output"
+    assert_same_losses(out, reference)
+    # Steps 21.. ran twice; the logs keep only the run that made the adapter, each step once.
+    assert re.search(r"Dropped \d+ records after step 20 from \S+/progress.jsonl: those steps run again", log)
+    records = [json.loads(line) for line in (out / "progress.jsonl").open()]
+    logged = [r["step"] for r in records if r["event"] == "log"]
+    assert logged == sorted(set(logged)) and logged[-1] == STEPS
+    worst = [json.loads(line)["step"] for line in (out / "high_loss_samples.jsonl").open()]
+    assert worst == [step for step in (10, 20, 30, 40) for _ in range(2)]
 
 
 def _checkpoint_bytes(run_files) -> int:

@@ -30,6 +30,7 @@ from kubetune_trainer import contract
 from kubetune_trainer.errors import DivergedError
 from kubetune_trainer.report import ProgressTracker
 from kubetune_trainer.sinks import (
+    HEARTBEAT,
     TRAINER_METRICS,
     FileSink,
     KubernetesStatusSink,
@@ -118,8 +119,9 @@ def test_a_run_feeds_every_record_to_the_sinks_and_progress_jsonl(make_config):
 
     steps = [p.step for p, event in recorder.of("progress") if event is None]
     assert steps == [1, 2, 3, 4, 5, 6]
-    events = [e for _, e in recorder.of("progress") if e]
-    stepped = [(p.step, e) for p, e in recorder.of("progress") if e]
+    # Heartbeats come every few seconds of an evaluation: how many depends on the machine's speed.
+    events = [e for _, e in recorder.of("progress") if e and e != HEARTBEAT]
+    stepped = [(p.step, e) for p, e in recorder.of("progress") if e and e != HEARTBEAT]
     # The first step is logged too, to show the starting loss at once.
     assert stepped == [
         (0, "begin"),
@@ -312,6 +314,20 @@ def test_a_step_skipped_for_a_non_finite_loss_is_an_event_with_the_count():
     untracked = Recorder()
     ProgressTracker(Reporter([untracked]), samples_per_step=8).on_train_begin(args, TrainerState(max_steps=1), control)
     assert untracked.of("progress")[0][0].non_finite_steps is None
+
+
+@pytest.mark.parametrize(("interval", "expected"), [(3600.0, 0), (0.0, 50)])
+def test_evaluation_batches_send_heartbeats_at_most_once_an_interval(interval, expected):
+    recorder = Recorder()
+    tracker = ProgressTracker(Reporter([recorder]), samples_per_step=8, heartbeat_seconds=interval)
+    args, control = TrainingArguments(output_dir="/tmp/unused", report_to="none"), TrainerControl()
+    state = TrainerState(max_steps=10, global_step=4)
+    tracker.on_step_end(args, state, control)
+    for _ in range(50):  # an evaluation's batches
+        tracker.on_prediction_step(args, state, control)
+    events = [e for _, e in recorder.of("progress")]
+    assert events == [None] + [HEARTBEAT] * expected
+    assert all(p.step == 4 for p, _ in recorder.of("progress"))
 
 
 def test_a_diverging_run_reports_its_skipped_steps_before_it_stops(make_config):

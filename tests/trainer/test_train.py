@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.errors import ConfigError, PreflightError
 from kubetune_trainer.train import ValidationTracker, finish, run, setup, train
 
 
@@ -312,19 +312,19 @@ def test_output_of_another_run_is_never_overwritten(make_config):
 
 
 def test_bf16_on_cpu_is_refused_with_the_setting_named(make_config):
-    with pytest.raises(ConfigError, match=r"training.precision=bf16 needs a GPU"):
+    with pytest.raises(PreflightError, match=r"training.precision=bf16 needs a GPU"):
         setup(make_config(**{"training.precision": "bf16"}), sinks=[])
 
 
 def test_unknown_target_module_lists_the_real_ones(make_config):
     with pytest.raises(
-        ConfigError, match=r"model.target_modules: lora.targetModules: .*Linear layers in this model: .*q_proj"
+        PreflightError, match=r"model.target_modules: lora.targetModules: .*Linear layers in this model: .*q_proj"
     ):
         setup(make_config(**{"lora.targetModules": ["attn_qkv"]}), sinks=[])
 
 
 def test_model_path_that_is_not_a_model(make_config, tmp_path):
-    with pytest.raises(ConfigError, match=r"model.nameOrPath=.*cannot load the tokenizer"):
+    with pytest.raises(PreflightError, match=r"model.nameOrPath=.*cannot load the tokenizer"):
         setup(make_config(**{"model.nameOrPath": str(tmp_path)}), sinks=[])
 
 
@@ -350,7 +350,14 @@ def test_a_finished_run_is_not_exported_under_other_settings_but_can_be_extended
     run(done, sinks=[])
     with pytest.raises(ConfigError, match=r"holds a finished run trained with other training.learningRate"):
         setup(
-            make_config(**{"training.maxSteps": 6, "training.learningRate": 1e-4, "output.dir": "/tmp/x-out"}), sinks=[]
+            make_config(
+                **{
+                    "training.maxSteps": 6,
+                    "training.learningRate": 1e-4,
+                    "output.dir": str(Path(done.output.dir).parent / "other-out"),
+                }
+            ),
+            sinks=[],
         )
     longer = make_config(**{"training.maxSteps": 10, "output.dir": str(Path(done.output.dir).parent / "out2")})
     result = run(longer, sinks=[])
@@ -358,3 +365,15 @@ def test_a_finished_run_is_not_exported_under_other_settings_but_can_be_extended
     assert result.metrics["global_step"] == 10
     steps = [h["step"] for h in result.log_history if "loss" in h]
     assert steps == list(range(1, 11)), "the first six steps come from the checkpoint's history, not retrained"
+
+
+def test_a_resume_drops_the_records_of_the_steps_it_makes_again(tmp_path):
+    from kubetune_trainer.report import drop_records_after
+
+    log = tmp_path / "high_loss_samples.jsonl"
+    lines = [{"step": 10, "loss": 1.0}, {"note": "no step"}, {"step": 20, "loss": 2.0}, {"step": 30, "loss": 3.0}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 3')  # the last line cut by a kill
+    assert drop_records_after(log, 20) == 1
+    assert log.read_text().splitlines() == [*(json.dumps(r) for r in lines[:3]), '{"step": 3']
+    assert drop_records_after(log, 20) == 0
+    assert drop_records_after(tmp_path / "absent.jsonl", 5) == 0

@@ -36,9 +36,9 @@ log = logging.getLogger("kubetune_trainer")
 
 EXIT_CODES = f"""exit codes:
   0    done
-  2    invalid configuration or data (including a preflight check of the config, model or data):
-       the message names the setting, file and line; retrying cannot help
-  3    a preflight check of the environment failed (GPU, memory, disk)
+  2    invalid configuration, or a dataset that cannot be read: the message names the setting,
+       file and line; retrying cannot help
+  3    a preflight check failed (config, model, data, disk or GPU): the message names each
   4    training diverged (non-finite loss)
   5    a volume is full
   6    the GPU ran out of memory
@@ -70,7 +70,7 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     elif args.verbose or not report.failed:
         print(report.render())
-    report.raise_if_failed()  # the failed checks, once, on stderr; exit 2 (config, data) or 3 (environment)
+    report.raise_if_failed()  # the failed checks, once, on stderr; exit 3 (2 when the dataset cannot be read)
     return 0
 
 
@@ -186,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="check config, model, data, disk and GPU without training",
         description="Check config, model, data, disk and GPU without training, and write output/preflight.json. "
         "Prints the table when every check passes (with -v always), else only the failed checks. Exits 0 when "
-        "nothing failed (warnings never stop a run), 2 when the config or data must change (the checks config.*, "
-        "model.*, dataset.*), 3 when the environment failed (gpu.*, disk.*).",
+        "nothing failed (warnings never stop a run), 3 when a check failed, 2 when the dataset cannot be read "
+        "(a missing file, a line without its field: named with file and line).",
     )
     add_config_arguments(p)
     p.add_argument("--expect-gpus", type=int, default=0, metavar="N", help="fail unless N GPUs are visible")

@@ -101,7 +101,7 @@ def from_output_dir(path: Path) -> RunSummary:
         train_loss=metrics.get("train_loss_last"),
         eval_loss=metrics.get("eval_loss"),
         test=_snake(evaluation.get("finetuned"))
-        or ({"loss": metrics["test_loss"]} if metrics.get("test_loss") else {}),
+        or ({"loss": metrics["test_loss"]} if metrics.get("test_loss") is not None else {}),
         base=_snake(evaluation.get("base")),
         duration_seconds=metrics.get("wall_seconds"),
         tokens_per_second=metrics.get("tokens_per_second"),
@@ -133,7 +133,8 @@ def from_trainingrun(obj: dict[str, Any]) -> RunSummary:
         steps=progress.get("step"),
         train_loss=progress.get("trainLoss"),
         eval_loss=evaluation.get("evalLoss", progress.get("evalLoss")),
-        test=_snake(evaluation.get("test")) or ({"loss": evaluation["testLoss"]} if evaluation.get("testLoss") else {}),
+        test=_snake(evaluation.get("test"))
+        or ({"loss": evaluation["testLoss"]} if evaluation.get("testLoss") is not None else {}),
         base=_snake(evaluation.get("base")),
         duration_seconds=_seconds_between(status.get("startTime"), status.get("completionTime")),
         tokens_per_second=progress.get("tokensPerSecond"),

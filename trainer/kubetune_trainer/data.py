@@ -17,6 +17,7 @@ by token id, so an EOS stays a target even when the pad token is the EOS token.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import logging
@@ -32,10 +33,12 @@ from typing import Any
 import datasets
 import jinja2
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
+from kubetune_trainer import checkpoints
 from kubetune_trainer.config import DatasetConfig
-from kubetune_trainer.errors import DataError
+from kubetune_trainer.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -542,7 +545,7 @@ def tokenize_split(
     ds: datasets.Dataset, fmt: str, cfg: DatasetConfig, tokenizer: Any, name: str
 ) -> tuple[datasets.Dataset, SplitStats]:
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise DataError(
+        raise ConfigError(
             "dataset.format is chat, but the model's tokenizer has no chat template. Use a chat/instruct "
             "model, add a chat_template to tokenizer_config.json, or convert the data to prompt_completion.",
             check="model.chat_template",
@@ -670,6 +673,12 @@ def data_fingerprint(cfg: DatasetConfig, tokenizer: Any) -> str:
 def check_prepared_dir(directory: Path, cfg: DatasetConfig) -> None:
     """Refuse a preparedDir that holds anything but kubetune's prepared data: it gets replaced whole."""
     inputs = [Path(p).resolve() for p in (cfg.path, cfg.validation_path, cfg.test_path) if p]
+    if directory.exists() and not directory.is_dir():
+        raise DataError(
+            f"dataset.preparedDir={directory} is a file, not a directory; kubetune would replace it. Point "
+            "dataset.preparedDir at a directory of its own, e.g. prepared.",
+            check="dataset.preparedDir",
+        )
     if any(directory.resolve() in p.parents for p in inputs):
         raise DataError(
             f"dataset.preparedDir={directory} contains the data files; kubetune replaces that directory whole. "
@@ -685,8 +694,17 @@ def check_prepared_dir(directory: Path, cfg: DatasetConfig) -> None:
 
 
 def save_prepared(data: PreparedData, directory: Path, fingerprint: str) -> None:
-    """Write tokenized and raw splits to a sibling directory, then swap it into place."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    """Write tokenized and raw splits to a sibling directory, fsync them, then swap it into place."""
+    try:
+        checkpoints.make_dirs(directory.parent)
+        if not directory.parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{directory.parent} is a file")
+    except OSError as exc:
+        raise DataError(
+            f"dataset.preparedDir={directory} cannot be created ({exc.strerror or exc}); point it at a writable "
+            "directory on the run's volume.",
+            check="dataset.preparedDir",
+        ) from None
     for leftover in directory.parent.glob(f".{directory.name}.*"):  # a swap interrupted by a kill
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new-"))
@@ -696,6 +714,12 @@ def save_prepared(data: PreparedData, directory: Path, fingerprint: str) -> None
     datasets.DatasetDict({k: v for k, v in data.raw.items() if len(v)}).save_to_disk(str(tmp / "raw"))
     meta = {"fingerprint": fingerprint, "format": data.format, "stats": {k: vars(v) for k, v in data.stats.items()}}
     (tmp / PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    # Durable before the swap: a node crash must not leave a prepared.json over half-written tables.
+    for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        checkpoints.fsync_path(file)
+    for folder in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+        checkpoints.fsync_path(folder)
+    checkpoints.fsync_path(tmp)
     if directory.exists():
         old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
         os.replace(directory, old / "prepared")
@@ -703,20 +727,29 @@ def save_prepared(data: PreparedData, directory: Path, fingerprint: str) -> None
         shutil.rmtree(old)
     else:
         os.replace(tmp, directory)
+    checkpoints.fsync_path(directory.parent)
 
 
 def load_prepared(directory: Path, fingerprint: str) -> PreparedData | None:
-    """The prepared data in directory if it was made from the same inputs, else None."""
+    """The prepared data in directory if it was made from the same inputs and reads back whole, else None."""
     meta_path = directory / PREPARED_META
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("fingerprint") != fingerprint:
-        log.info("Prepared data in %s is stale (other files, settings or tokenizer); tokenizing again", directory)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("fingerprint") != fingerprint:
+            log.info("Prepared data in %s is stale (other files, settings or tokenizer); tokenizing again", directory)
+            return None
+        tokenized = datasets.load_from_disk(str(directory / "tokenized"))
+        raw = datasets.load_from_disk(str(directory / "raw"))
+        stats = {name: SplitStats(**values) for name, values in meta["stats"].items()}
+        for name, split in tokenized.items():  # the lengths of every row: a cheap look at the whole table
+            tokens = pc.sum(pc.list_value_length(split.data.column("input_ids"))).as_py() or 0
+            if (len(split), tokens) != (stats[name].rows, stats[name].tokens):
+                raise ValueError(f"the {name} split holds other rows than {PREPARED_META} records")
+    except Exception as exc:  # the prepared data is a cache: whatever is wrong with it, rebuild it
+        log.warning("Prepared data in %s is damaged (%s: %s); tokenizing again", directory, type(exc).__name__, exc)
         return None
-    tokenized = datasets.load_from_disk(str(directory / "tokenized"))
-    raw = datasets.load_from_disk(str(directory / "raw"))
-    stats = {name: SplitStats(**values) for name, values in meta["stats"].items()}
     return PreparedData(
         meta["format"],
         tokenized["train"],

@@ -21,11 +21,12 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jinja2
 import torch
@@ -49,6 +50,9 @@ HIGHER_IS_BETTER = {
     "rouge_l": True,
 }
 GENERATION_METRICS = ("exact_match", "cer", "wer", "bleu", "rouge_l")
+# `evaluate(on_progress=...)` stages, in the order they run (the base ones only with a baseline).
+STAGES = ("loss", "generation", "base loss", "base generation")
+ProgressHook = Callable[[str, int, int], None]  # (stage, done, total), after every batch
 
 
 # --------------------------------------------------------------------------- pure scoring
@@ -59,16 +63,51 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
+class WhitespaceTokenizer:
+    """Words for ROUGE-L as exact match and WER see them: split on whitespace, case and script kept.
+
+    rouge-score's default tokenizer lowercases and keeps only [a-z0-9], so two identical Cyrillic or
+    CJK answers would score 0 and "Oak" would match "oak"."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return text.split()
+
+
+def error_rate(references: Sequence[str], predictions: Sequence[str], *, unit: Literal["char", "word"]) -> float:
+    """Corpus edit rate over characters (unit="char") or words (unit="word"): edits / reference length.
+
+    An empty reference has length 0, and every character or word predicted for it is an insertion, so a
+    non-empty answer where none was expected counts as errors (jiwer refuses empty references, so those
+    rows are counted here). When every reference is empty the rate is 0.0 if every prediction is empty
+    too, else 1.0: there is no length to divide by, and the answers are wrong."""
+    import jiwer
+
+    chars = unit == "char"
+    scored = [(r, p) for r, p in zip(references, predictions, strict=True) if r]
+    errors, length = 0, 0
+    if scored:
+        process = jiwer.process_characters if chars else jiwer.process_words
+        out = process([r for r, _ in scored], [p for _, p in scored])
+        errors = out.substitutions + out.deletions + out.insertions
+        length = out.hits + out.substitutions + out.deletions
+    errors += sum(len(p) if chars else len(p.split()) for r, p in zip(references, predictions, strict=True) if not r)
+    if length == 0:
+        return 0.0 if errors == 0 else 1.0
+    return errors / length
+
+
 def score_generations(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Corpus-level scores of predictions against references, compared after `normalize`.
+    """Corpus-level scores of predictions against references, compared after `normalize` (case kept).
 
     exact_match: share of identical answers. cer / wer: edit distance over characters / words,
-    summed over the corpus and divided by the reference length (0 is perfect; above 1 is possible).
+    summed over the corpus and divided by the reference length (0 is perfect; above 1 is possible);
+    an empty reference counts every predicted character / word as an error (see `error_rate`).
     bleu: sacrebleu's corpus BLEU, 0-100, over the n-gram orders the predictions have (effective order):
     answers of one to three words have no 4-grams, and plain BLEU scores them 0 however right they are.
-    rouge_l: mean ROUGE-L F1, 0-1.
+    rouge_l: mean ROUGE-L F1, 0-1, over whitespace-separated words with case kept (as WER counts them);
+    an empty reference scores 1 for an empty answer and 0 for any other.
     """
-    import jiwer
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU
 
@@ -76,14 +115,19 @@ def score_generations(predictions: Sequence[str], references: Sequence[str]) -> 
         raise ValueError(f"need as many predictions as references, and some: {len(predictions)} vs {len(references)}")
     preds = [normalize(p) for p in predictions]
     refs = [normalize(r) for r in references]
-    scored = [(r, p) for r, p in zip(refs, preds, strict=True) if r]  # jiwer refuses empty references
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=WhitespaceTokenizer())
+
+    def rouge_l(r: str, p: str) -> float:
+        if not r:  # rouge-score gives 0 whenever a side is empty, even for a right empty answer
+            return float(not p)
+        return scorer.score(r, p)["rougeL"].fmeasure
+
     return {
         "exact_match": sum(p == r for p, r in zip(preds, refs, strict=True)) / len(refs),
-        "cer": jiwer.cer([r for r, _ in scored], [p for _, p in scored]) if scored else 0.0,
-        "wer": jiwer.wer([r for r, _ in scored], [p for _, p in scored]) if scored else 0.0,
+        "cer": error_rate(refs, preds, unit="char"),
+        "wer": error_rate(refs, preds, unit="word"),
         "bleu": BLEU(effective_order=True).corpus_score(preds, [refs]).score,
-        "rouge_l": sum(scorer.score(r, p)["rougeL"].fmeasure for r, p in zip(refs, preds, strict=True)) / len(refs),
+        "rouge_l": sum(rouge_l(r, p) for r, p in zip(refs, preds, strict=True)) / len(refs),
     }
 
 
@@ -173,11 +217,12 @@ def generate_completions(
     batch_size: int = 16,
     add_special_tokens: bool = True,
     stop_ids: Sequence[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Greedy completions of each prompt, decoded without the prompt.
 
     Prompts are batched in order of length with left padding, so a batch wastes little on
-    padding; the answers come back in the prompts' order."""
+    padding; the answers come back in the prompts' order. `progress(done, total)` follows each batch."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -204,6 +249,8 @@ def generate_completions(
             texts = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(chunk, texts, strict=True):
                 out[i] = text
+            if progress is not None:
+                progress(start + len(chunk), len(order))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -211,10 +258,13 @@ def generate_completions(
 
 
 @torch.inference_mode()
-def token_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> tuple[float, int]:
+def token_loss(
+    model: Any, dataset: Any, pad_token_id: int, batch_size: int, progress: Callable[[int, int], None] | None = None
+) -> tuple[float, int]:
     """Mean cross-entropy over every target token of a tokenized split, and the number of tokens.
 
-    Summed per token, not averaged per batch, so the value does not depend on the batch size."""
+    Summed per token, not averaged per batch, so the value does not depend on the batch size.
+    `progress(done, total)` follows each batch, counting rows."""
     was_training = model.training
     model.eval()
     collate = PaddingCollator(pad_token_id)
@@ -231,6 +281,8 @@ def token_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> 
                 logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
             ).item()
             count += int((labels != IGNORE_INDEX).sum())
+            if progress is not None:
+                progress(min(start + batch_size, len(order)), len(order))
     finally:
         model.train(was_training)
     return (total / count if count else math.nan), count
@@ -296,8 +348,21 @@ class EvalReport:
         return lines
 
 
-def evaluate(model: Any, tokenizer: Any, data: PreparedData, cfg: TrainConfig, *, baseline: bool) -> EvalReport:
-    """Score `model` (a PeftModel) on the test split, and the base model too when `baseline`."""
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    cfg: TrainConfig,
+    *,
+    baseline: bool,
+    on_progress: ProgressHook | None = None,
+) -> EvalReport:
+    """Score `model` (a PeftModel) on the test split, and the base model too when `baseline`.
+
+    `on_progress(stage, done, total)`, when given, is called after every loss batch and every
+    generation batch; stage is one of STAGES, done counts test rows (loss) or prompts (generation)
+    and reaches total at the end of each stage. It lets a caller show that a long final evaluation
+    is alive; it runs on this thread between batches, so it must be quick."""
     if data.test is None:
         raise DataError(
             "There is no test split to evaluate: set dataset.testSplit above 0 or give dataset.testPath.",
@@ -313,8 +378,11 @@ def evaluate(model: Any, tokenizer: Any, data: PreparedData, cfg: TrainConfig, *
         cap = new_token_cap([len(t) for t in ref_tokens], e.max_new_tokens)
         stops = stop_token_ids(model, tokenizer, chat=data.format == "chat")
 
-    def measure() -> tuple[dict[str, float], list[str] | None, int]:
-        loss, tokens = token_loss(model, data.test, tokenizer.pad_token_id, batch)
+    def hook(stage: str) -> Callable[[int, int], None] | None:
+        return None if on_progress is None else (lambda done, total: on_progress(stage, done, total))
+
+    def measure(prefix: str) -> tuple[dict[str, float], list[str] | None, int]:
+        loss, tokens = token_loss(model, data.test, tokenizer.pad_token_id, batch, progress=hook(f"{prefix}loss"))
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
         predictions = None
         if task is not None:
@@ -326,15 +394,16 @@ def evaluate(model: Any, tokenizer: Any, data: PreparedData, cfg: TrainConfig, *
                 batch_size=batch,
                 add_special_tokens=task.add_special_tokens,
                 stop_ids=stops,
+                progress=hook(f"{prefix}generation"),
             )
             metrics.update(score_generations(predictions, task.references))
         return metrics, predictions, tokens
 
-    tuned, tuned_predictions, tokens = measure()
+    tuned, tuned_predictions, tokens = measure("")
     base, base_predictions = None, None
     if baseline:
         with adapter_disabled(model) if hasattr(model, "disable_adapter") else nullcontext():
-            base, base_predictions, _ = measure()
+            base, base_predictions, _ = measure("base ")
     predictions = []
     if task is not None and tuned_predictions is not None:
         for k, row in enumerate(task.rows):
@@ -375,9 +444,81 @@ def write_report(report: EvalReport, out_dir: Path) -> None:
 # --------------------------------------------------------------------------- an adapter from disk
 
 
+def same_model_name(a: str, b: str) -> bool:
+    """Whether two model references name the same model: a hub id and a local copy agree by their last
+    part ("Qwen/Qwen2.5-0.5B" and "/models/Qwen2.5-0.5B"), ignoring case as the hub does."""
+
+    def name(ref: str) -> str:
+        return ref.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+
+    return name(a) == name(b)
+
+
+def _natural(name: str) -> list[tuple[int, int, str]]:
+    """Sort key: model.layers.2 before model.layers.10."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
+def adapter_modules(keys: Iterable[str]) -> list[str]:
+    """The modules that adapter weight keys belong to, as the base model names them:
+    base_model.model.model.layers.2.mlp.down_proj.lora_A[.default].weight -> model.layers.2.mlp.down_proj."""
+    modules = set()
+    for key in keys:
+        parts = key.removeprefix("base_model.model.").split(".")
+        cut = next((i for i, p in enumerate(parts) if p.startswith("lora_") or p == "modules_to_save"), None)
+        modules.add(".".join(parts[:cut] if cut is not None else parts[:-1]))
+    return sorted(modules, key=_natural)
+
+
+def _layer_pattern(name: str) -> tuple[str, str] | None:
+    """model.layers.3.mlp.up_proj -> (model.layers, mlp.up_proj): the name without its layer number."""
+    parts = name.split(".")
+    i = next((k for k, p in enumerate(parts) if p.isdigit()), None)
+    return None if i is None else (".".join(parts[:i]), ".".join(parts[i + 1 :]))
+
+
+def uncovered_modules(module_names: Iterable[str], adapted: Iterable[str]) -> list[str]:
+    """Modules that repeat an adapted one in another layer (the same name but the layer number) and have
+    no adapter: the layers that an adapter of a shallower model, naming its modules by full path, leaves out
+    of a deeper one. Loading such an adapter reports no missing key, as no adapter was made for them."""
+    adapted = set(adapted)
+    patterns = {_layer_pattern(n) for n in adapted} - {None}
+    return sorted((n for n in module_names if n not in adapted and _layer_pattern(n) in patterns), key=_natural)
+
+
+def _count(names: Sequence[str]) -> str:
+    return f"{len(names)} module{'' if len(names) == 1 else 's'}"
+
+
+def _some(names: Sequence[str], shown: int = 3) -> str:
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def fit_problems(
+    missing_keys: Iterable[str], unexpected_keys: Iterable[str], uncovered: Iterable[str], model_name: str
+) -> str | None:
+    """What does not fit when an adapter's weights are loaded onto a model, in words (None when all fits):
+    peft's unexpected keys (weights for modules the model lacks: an adapter of a deeper model, which peft
+    drops), its missing keys and the `uncovered_modules` (modules the adapter has no weights for: an
+    adapter of a shallower model, whose extra layers would stay unadapted or randomly adapted)."""
+    unexpected = adapter_modules(unexpected_keys)
+    missing = sorted(set(adapter_modules(missing_keys)) | set(uncovered), key=_natural)
+    problems = []
+    if unexpected:
+        problems.append(f"the adapter has weights for {_count(unexpected)} {model_name} lacks ({_some(unexpected)})")
+    if missing:
+        problems.append(f"{model_name} has {_count(missing)} the adapter has no weights for ({_some(missing)})")
+    return "; ".join(problems) or None
+
+
 def load_adapter(base: Any, adapter_dir: Path, cfg: TrainConfig) -> Any:
-    """The exported adapter on the base model, or a ConfigError that says what does not match."""
-    from peft import PeftModel
+    """The exported adapter on the base model, or a ConfigError that says what does not match.
+
+    Every weight must fit: a shape mismatch (another width), weights for modules the base lacks
+    (a deeper model) and modules without weights (a shallower model) are all refused; peft
+    itself only warns about the last and drops the second silently."""
+    from peft import PeftConfig, get_peft_model
 
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
@@ -389,16 +530,47 @@ def load_adapter(base: Any, adapter_dir: Path, cfg: TrainConfig) -> Any:
         trained_on = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--adapter {adapter_dir}: adapter_config.json is unreadable ({exc}).") from None
+    name = cfg.model.name_or_path
+    remedy = "Evaluate it with the config of the run that made it, or set model.nameOrPath to its base model."
     try:
-        return PeftModel.from_pretrained(base, str(adapter_dir))
+        # PeftModel.from_pretrained, in its two steps, for peft's load result (missing and unexpected keys).
+        peft_config = PeftConfig.from_pretrained(str(adapter_dir))
+        peft_config.inference_mode = True
+        with warnings.catch_warnings():  # peft's note on another base name: checked below, and logged
+            warnings.filterwarnings("ignore", message=r"The PEFT config's `base_model_name_or_path` was renamed")
+            model = get_peft_model(base, peft_config)
+        loaded = model.load_adapter(str(adapter_dir), adapter_name="default")
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()
         detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
         raise ConfigError(
-            f"--adapter {adapter_dir} does not fit model.nameOrPath={cfg.model.name_or_path}: it was trained on "
-            f"{trained_on or 'another model'} ({detail[:300]}). Evaluate it with the config of the run that made "
-            "it, or set model.nameOrPath to its base model."
+            f"--adapter {adapter_dir} does not fit model.nameOrPath={name}: it was trained on "
+            f"{trained_on or 'another model'} ({detail[:300]}). {remedy}"
         ) from None
+    uncovered = []
+    # Layers left out on purpose (layers_to_transform, exclude_modules, a regex) are no mismatch.
+    chosen_layers = getattr(peft_config, "layers_to_transform", None) or getattr(peft_config, "exclude_modules", None)
+    targets = getattr(peft_config, "target_modules", None)
+    regex = isinstance(targets, str) and targets != "all-linear"
+    if not chosen_layers and not regex:
+        modules = [n.removeprefix("base_model.model.") for n, _ in model.named_modules()]
+        uncovered = uncovered_modules(modules, adapter_modules(n for n, _ in model.named_parameters() if ".lora_" in n))
+    problem = fit_problems(loaded.missing_keys, loaded.unexpected_keys, uncovered, f"model.nameOrPath={name}")
+    if problem is not None:
+        raise ConfigError(
+            f"--adapter {adapter_dir} does not fit model.nameOrPath={name}: it was trained on "
+            f"{trained_on or 'another model'}, and {problem}. {remedy}"
+        )
+    if trained_on and not same_model_name(trained_on, name):
+        log.warning(
+            "--adapter %s was trained on %s, not model.nameOrPath=%s; its weights fit, so it is evaluated on %s. "
+            "If that is not its base model, set model.nameOrPath to the model it was trained on.",
+            adapter_dir,
+            trained_on,
+            name,
+            name,
+        )
+    return model
 
 
 def run_eval(cfg: TrainConfig, adapter_dir: Path | None = None, out_dir: Path | None = None) -> EvalReport:

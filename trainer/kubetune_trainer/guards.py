@@ -81,6 +81,7 @@ class StopRequest:
         self.longest_step = 0.0
         self.save_seconds: list[float] = []  # each save: Trainer's write and kubetune's commit
         self._save_started: float | None = None
+        self.saved_after_signal = False  # a checkpoint was committed after the signal: 143 holds
         self._warned = False
         self._defer = False
         self._previous: dict[int, Any] = {}
@@ -137,6 +138,13 @@ class StopRequest:
 
     def _watchdog(self) -> None:
         time.sleep(self.grace_seconds)
+        if self.saved_after_signal:
+            # Saved in time, but what followed (closing the sinks, a slow filesystem) ran past the grace period.
+            message = f"stopped by {self.signal.name if self.signal else 'a signal'} after saving a checkpoint"
+            sys.stderr.write(f"kubetune-train: error: {message}; exiting {self.exit_code}\n")
+            sys.stderr.flush()
+            leave_termination_message("Interrupted", message)
+            os._exit(self.exit_code)
         # The main thread is stuck in a long step or save; a checkpoint could not be made in time.
         why = grace_shortfall(self.longest_step, max(self.save_seconds, default=0.0), self.grace_seconds)
         message = (
@@ -160,6 +168,8 @@ class StopRequest:
         self._save_started = time.monotonic()
 
     def save_ends(self) -> None:
+        if self.requested:
+            self.saved_after_signal = True
         if self._save_started is not None:
             self.save_seconds.append(time.monotonic() - self._save_started)
             self._save_started = None

@@ -82,16 +82,25 @@ def resolve_attention(requested: str, hw: Hardware) -> str:
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def download_patterns(repo_files: list[str], trust_remote_code: bool) -> list[str]:
+    """What to fetch of a Hub repository: config, tokenizer and one copy of the weights, safetensors when the
+    repository has them (many also carry the same weights as pytorch_model.bin), else the .bin files."""
+    patterns = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    patterns.append("*.safetensors" if any(f.endswith(".safetensors") for f in repo_files) else "*.bin")
+    if trust_remote_code:
+        patterns.append("*.py")
+    return patterns
+
+
 def fetch_model(cfg: ModelConfig) -> None:
     """Download a Hub model into the cache (HF_HOME) so the training Job loads it from disk."""
     if Path(cfg.name_or_path).is_dir():
         return
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-    if cfg.trust_remote_code:
-        patterns.append("*.py")
     try:
+        files = list_repo_files(cfg.name_or_path, revision=cfg.revision)
+        patterns = download_patterns(files, cfg.trust_remote_code)
         path = snapshot_download(cfg.name_or_path, revision=cfg.revision, allow_patterns=patterns)
     except Exception as exc:  # network, auth and repository errors come from several libraries
         raise ConfigError(

@@ -5,11 +5,12 @@ message that says what to change, and the numbers behind it); `run_preflight` ga
 the facts (config, model metadata on the meta device, data, disk, GPU) and keeps the
 objects it built (tokenizer, tokenized data) for the run that follows.
 
-Exit codes: a failing check whose fix is in the config or the data (`input_error`: steps,
-warmup, dataset, model, tokenizer, target modules) makes the run exit 2, like any invalid
-configuration (the trainer contract: the Job must not retry); a failure of the environment
-(GPU, memory, disk) exits 3. A check that cannot run because an earlier one failed is
-reported as "skipped: needs ..." (status warn) rather than left out.
+Exit codes (ARCHITECTURE.md, contract 3): any failed check exits 3 (PreflightFailed), whether
+its fix is in the config (steps, warmup, target modules, chat template, the model path) or in
+the environment (GPU, memory, disk). Only a dataset that cannot be read (`input_error`: a
+missing file, a line without its field, an empty split, each named with file and line) exits
+2, like any invalid configuration. Neither is retried. A check that cannot run because an
+earlier one failed is reported as "skipped: needs ..." (status warn) rather than left out.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Literal
 
 from kubetune_trainer import checkpoints
 from kubetune_trainer.config import TrainConfig, steps_per_epoch, total_steps, warmup_steps
-from kubetune_trainer.errors import ConfigError, PreflightError
+from kubetune_trainer.errors import ConfigError, DataError, PreflightError
 from kubetune_trainer.report import utc_now
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class Check:
     status: Status
     message: str
     data: dict[str, Any] = field(default_factory=dict)
-    input_error: bool = False
+    input_error: bool = False  # the dataset could not be read (a DataError): exit 2, not 3
 
 
 def skipped(name: str, needs: str, detail: str = "", **data: Any) -> Check:
@@ -96,7 +97,7 @@ class Report:
         )
 
     def raise_if_failed(self) -> None:
-        """ConfigError (exit 2) when the config or data must change, else PreflightError (exit 3)."""
+        """ConfigError (exit 2) when the dataset could not be read, else PreflightError (exit 3)."""
         if self.failed:
             raise (ConfigError if self.exit_code() == 2 else PreflightError)(self.summary())
 
@@ -208,7 +209,6 @@ def check_steps(cfg: TrainConfig, train_rows: int) -> list[Check]:
                 "fail",
                 f"{train_rows} training rows give no optimizer step; add data or lower training.batchSize",
                 data,
-                input_error=True,
             )
         )
     else:
@@ -221,7 +221,6 @@ def check_steps(cfg: TrainConfig, train_rows: int) -> list[Check]:
                 f"warmup ({_n(warmup, 'step')}) is not shorter than the run "
                 f"({_n(total, 'step')}); lower training.warmupSteps or warmupRatio",
                 data,
-                input_error=True,
             )
         )
     else:
@@ -327,7 +326,6 @@ def check_splits(stats: dict[str, Any], batch: int, eval_batch: int) -> list[Che
                 f"the train split has {rows.get('train', 0)} samples, "
                 f"fewer than one batch of {batch}; add data or lower the batch",
                 data,
-                input_error=True,
             )
         )
     small = [n for n in ("validation", "test") if n in rows and rows[n] < eval_batch]
@@ -429,7 +427,7 @@ def _guard(report: Report, name: str, fn: Any) -> Any:
     try:
         return fn()
     except ConfigError as exc:
-        report.add(Check(exc.check or name, "fail", str(exc), input_error=True))
+        report.add(Check(exc.check or name, "fail", str(exc), input_error=isinstance(exc, DataError)))
         return None
 
 
@@ -547,7 +545,12 @@ def _disk_checks(cfg: TrainConfig, info: ModelInfo | None) -> list[Check]:
 
 
 def write_report(report: Report, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Best effort: when output.dir is what failed (a file, read-only), the report still reaches stderr and the
+    run's status, and the failed disk.output check, not this write, must decide the exit."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("Could not write the preflight report to %s: %s", path, exc.strerror or exc)

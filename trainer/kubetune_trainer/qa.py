@@ -13,16 +13,18 @@ A template file is YAML::
         question: Which branch has routing code {routing_code}?
         answer: "{branch}"
 
-Pairs are deduplicated, then split into train/validation/test by their question: every copy of
-a question, whatever its answer, lands in one split, so no test question is ever seen in
-training. (Facts are shared on purpose: a paraphrased or reverse question about a record whose
-exact question was trained on is what a lookup model is evaluated on.)
+Every record must have every field a template uses, with a non-empty value: a record that lacks
+one, or leaves it empty, is refused naming its file and line (an empty answer would teach the
+model to say nothing). Pairs are deduplicated, then split into train/validation/test by their
+question: every copy of a question, whatever its answer, lands in one split, so no test question
+is ever seen in training. Each question type gets its own share of every split, so a rare type is
+trained on and tested too. (Facts are shared on purpose: a paraphrased or reverse question about
+a record whose exact question was trained on is what a lookup model is evaluated on.)
 """
 
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import math
 import random
@@ -107,25 +109,28 @@ def load_template_file(path: Path) -> TemplateFile:
     return spec
 
 
-def read_records(path: Path) -> list[dict[str, str]]:
-    """Records from a CSV (header row) or JSONL file, every value as text."""
+def read_records(path: Path) -> tuple[list[dict[str, str]], list[int]]:
+    """Records from a CSV (header row) or JSONL file, every value as text, and the line each starts on."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise DataError(f"RECORDS {path}: no such file. Give a .csv or .jsonl file of records.")
     records: list[dict[str, str]] = []
+    lines: list[int] = []
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.reader(fh)
             header = next(reader, [])
+            start = reader.line_num + 1
             for row in reader:
+                line_no, start = start, reader.line_num + 1  # a quoted value may span lines
                 if not row:
                     continue  # a blank line
                 if len(row) != len(header):
                     raise DataError(
-                        f"{path}:{reader.line_num}: {len(row)} columns where the header has {len(header)}. "
-                        "Fix that line."
+                        f"{path}:{line_no}: {len(row)} columns where the header has {len(header)}. Fix that line."
                     )
                 records.append(dict(zip(header, row, strict=True)))
+                lines.append(line_no)
     elif suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8") as fh:
             for line_no, line in enumerate(fh, start=1):
@@ -138,14 +143,47 @@ def read_records(path: Path) -> list[dict[str, str]]:
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{line_no}: a record must be a JSON object, found {type(obj).__name__}.")
                 records.append({k: "" if v is None else str(v) for k, v in obj.items()})
+                lines.append(line_no)
     else:
         raise DataError(f"RECORDS {path}: unknown file type {suffix or '(none)'}; use .csv or .jsonl.")
     if not records:
         raise DataError(f"RECORDS {path} holds no records; add rows below the header.")
-    return records
+    return records, lines
 
 
 # --------------------------------------------------------------------------- pure
+
+
+def record_problem(
+    records: Sequence[Mapping[str, object]], templates: Sequence[QATemplate], source: str, lines: Sequence[int] | None
+) -> str | None:
+    """The first record that lacks a field a template uses, or has it empty, in words; None if all fit."""
+    columns = set().union(*(r.keys() for r in records)) if records else set()
+    for t in templates:
+        absent = t.fields() - columns
+        if absent:  # no record has it: the template or the header is wrong, not one record
+            return (
+                f"template {t.kind!r} uses field(s) {', '.join(sorted(absent))} that {source} lacks "
+                f"(it has {', '.join(sorted(columns))}). Fix the template or add the column."
+            )
+    used = sorted(set().union(*(t.fields() for t in templates)))
+    bad = []
+    for i, record in enumerate(records):
+        for name in used:
+            value = record.get(name)
+            if value is None or not str(value).strip():
+                bad.append((i, name, "missing" if value is None else "empty"))
+    if not bad:
+        return None
+    i, name, why = bad[0]
+    where = f"{source}:{lines[i]}" if lines is not None else f"{source}, record {i + 1}"
+    user = next(t.kind for t in templates if name in t.fields())
+    more = f" ({len(bad) - 1} more such values in other records or fields)" if len(bad) > 1 else ""
+    action = "Add it to that record" if why == "missing" else "Fill it in"
+    return (
+        f"{where}: field {name!r} is {why}, and template {user!r} uses it{more}. "
+        f"{action}, or remove the record; an empty answer or question teaches nothing."
+    )
 
 
 def render_pairs(
@@ -153,17 +191,15 @@ def render_pairs(
     templates: Iterable[QATemplate],
     source: str = "records",
     prompt_format: str = PROMPT_FORMAT,
+    lines: Sequence[int] | None = None,
 ) -> list[dict[str, str]]:
-    """One pair per record and template, duplicates removed, in a stable order."""
+    """One pair per record and template, duplicates removed, in a stable order.
+
+    A DataError names the first record (`source`:line, from `lines`) missing a used field or leaving it empty."""
     templates = list(templates)
-    columns = set(records[0]) if records else set()
-    for t in templates:
-        missing = t.fields() - columns
-        if missing:
-            raise DataError(
-                f"template {t.kind!r} uses field(s) {', '.join(sorted(missing))} that {source} lacks "
-                f"(it has {', '.join(sorted(columns))}). Fix the template or add the column."
-            )
+    problem = record_problem(records, templates, source, lines)
+    if problem is not None:
+        raise DataError(problem)
     seen: set[tuple[str, str]] = set()
     pairs = []
     for record in records:
@@ -178,15 +214,37 @@ def render_pairs(
     return pairs
 
 
+SPLIT_ORDER = ("test", "validation", "train")  # who gets a question when the remainders tie
+
+
+def apportion(size: int, shares: Mapping[str, float], shortfall: Mapping[str, float]) -> dict[str, int]:
+    """`size` questions into splits by `shares` (summing to 1), by largest remainder.
+
+    Each split gets the floor of its ideal count; the questions left over go to the largest fractional
+    remainders. Ties go to the split furthest below its ideal over the types dealt so far (`shortfall`),
+    then in SPLIT_ORDER, so that small types do not all round the same way."""
+    ideal = {name: size * shares[name] for name in SPLIT_ORDER}
+    counts = {name: math.floor(ideal[name] + 1e-9) for name in SPLIT_ORDER}
+    by_claim = sorted(
+        SPLIT_ORDER,
+        key=lambda n: (-round(ideal[n] - counts[n], 9), -round(shortfall.get(n, 0.0), 9), SPLIT_ORDER.index(n)),
+    )
+    for name in by_claim[: size - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
 def split_pairs(
     pairs: Sequence[dict[str, str]], validation: float, test: float, seed: int
 ) -> dict[str, list[dict[str, str]]]:
     """Train/validation/test by question: all pairs with one prompt go to one split.
 
-    The split is a function of the seed and the questions alone; shares are of questions, rounded
-    half up as in the trainer's own split."""
+    Every question type (`kind`) is split on its own, by `apportion`, so each type has its share of
+    every split however unequal the types' sizes. The split is a function of the seed and the
+    questions alone."""
     if not (0 <= validation < 1 and 0 <= test < 1 and validation + test < 1):
         raise ConfigError("--validation-split and --test-split must each be in [0, 1) with a sum below 1.")
+    shares = {"validation": validation, "test": test, "train": 1 - validation - test}
     by_prompt: dict[str, list[dict[str, str]]] = {}
     for pair in pairs:
         by_prompt.setdefault(pair["prompt"], []).append(pair)
@@ -194,15 +252,17 @@ def split_pairs(
     for prompt, group in by_prompt.items():
         by_kind.setdefault(group[0]["kind"], []).append(prompt)
     rng = random.Random(seed)
-    shuffled = []
+    cut: dict[str, list[str]] = {name: [] for name in SPLIT_FILES}
+    shortfall = dict.fromkeys(SPLIT_ORDER, 0.0)
     for kind in sorted(by_kind):
         prompts = sorted(by_kind[kind])
         rng.shuffle(prompts)
-        shuffled.append(prompts)
-    # Deal the question types out in turn, so that each split gets its share of every type.
-    order = [p for turn in itertools.zip_longest(*shuffled) for p in turn if p is not None]
-    n_val, n_test = (math.floor(len(order) * share + 0.5) for share in (validation, test))
-    cut = {"validation": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+        counts = apportion(len(prompts), shares, shortfall)
+        start = 0
+        for name in ("validation", "test", "train"):
+            cut[name] += prompts[start : start + counts[name]]
+            start += counts[name]
+            shortfall[name] += len(prompts) * shares[name] - counts[name]
     out = {name: [pair for p in cut[name] for pair in by_prompt[p]] for name in SPLIT_FILES}
     for name in out:
         rng.shuffle(out[name])
@@ -255,8 +315,10 @@ def make_qa(
 ) -> MadeQA:
     """Write train/validation/test JSONL files of pairs; never over files this command did not write."""
     spec = load_template_file(template_path)
-    records = read_records(records_path)
-    pairs = render_pairs(records, spec.to_templates(), source=str(records_path), prompt_format=spec.prompt_format)
+    records, lines = read_records(records_path)
+    pairs = render_pairs(
+        records, spec.to_templates(), source=str(records_path), prompt_format=spec.prompt_format, lines=lines
+    )
     splits = split_pairs(pairs, validation, test, seed)
     theirs = [out_dir / f for f in SPLIT_FILES.values() if (out_dir / f).exists()]
     if theirs and not (out_dir / MARKER).exists():

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from kubetune_trainer.sinks import Progress, Reporter
+from kubetune_trainer.sinks import HEARTBEAT, Progress, Reporter
+
+HIGH_LOSS_FILE = "high_loss_samples.jsonl"
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ class ProgressTracker(TrainerCallback):
     divergence guard's count). A step that adds to it is an event ("nonfinite"): the guard may stop
     the run before the next logging step, and a NaN loss is null in JSON, so the count is what
     progress.jsonl, the status and the alerts see.
+
+    heartbeat_seconds: during an evaluation, which makes no steps for minutes on a large split, a fresh
+    record (its lastUpdateTime) at most this often, so the stall alert tells a busy run from a hung one.
     """
 
     def __init__(
@@ -70,8 +75,11 @@ class ProgressTracker(TrainerCallback):
         window: int = 20,
         *,
         non_finite_steps: Callable[[], int] | None = None,
+        heartbeat_seconds: float = 5.0,
     ) -> None:
         self.reporter = reporter
+        self.heartbeat_seconds = heartbeat_seconds
+        self._last_emit = -math.inf
         self.samples_per_step = samples_per_step
         self.non_finite_steps = non_finite_steps
         self._non_finite_reported = 0
@@ -122,9 +130,20 @@ class ProgressTracker(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
         self._emit(state, "end")
 
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        self.heartbeat(state)
+
+    def heartbeat(self, state: TrainerState) -> None:
+        """A record now and then while no step is made (evaluations), not one per batch."""
+        if time.monotonic() - self._last_emit >= self.heartbeat_seconds:
+            self._emit(state, HEARTBEAT)
+
     # -- record
 
     def _emit(self, state: TrainerState, event: str | None) -> None:
+        self._last_emit = time.monotonic()
         self.last = self.snapshot(state)
         self.reporter.progress(self.last, event)
 
@@ -160,6 +179,32 @@ class ProgressTracker(TrainerCallback):
             non_finite_steps=None if self.non_finite_steps is None else int(self.non_finite_steps()),
             last_update_time=utc_now(),
         )
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite a JSONL log without its records of steps after `step`, atomically; returns how many went.
+
+    A run resumed from the checkpoint of `step` rolls back what came after it and makes those steps again,
+    so their records from the interrupted attempt would stand twice, with other numbers, in the same log.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if (at := _step_of(line)) is None or at <= step]
+    if len(kept) == len(lines):
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None  # a line cut short by a kill, or not a record: kept as it is
+    return step if isinstance(step, int) else None
 
 
 def write_loss_curves(log_history: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -83,12 +83,16 @@ def as_status(value: Any) -> Any:
     return finite_or_none(camel(value.to_dict()) if isinstance(value, Progress) else value)
 
 
+# A record made while no step is (evaluations): the run is alive, nothing else is new.
+HEARTBEAT = "heartbeat"
+
+
 class Sink:
     """The interface; each method may be left as it is (nothing to do for that record)."""
 
     def progress(self, progress: Progress, event: str | None) -> None:
         """event: None for a plain step, else 'begin', 'log', 'eval', 'nonfinite' (a step skipped for a
-        non-finite loss) or 'end'."""
+        non-finite loss), 'end', or HEARTBEAT (every few seconds of an evaluation)."""
 
     def checkpoint(self, info: dict[str, Any]) -> None:
         """info: {"latest": {...}, "best": {...} or None}."""
@@ -202,6 +206,9 @@ class TerminalSink(Sink):
 # --------------------------------------------------------------------------- file
 
 
+PROGRESS_FILE = "progress.jsonl"
+
+
 class FileSink(Sink):
     """output/progress.jsonl: one line per logging interval and per event, to plot or tail later."""
 
@@ -210,7 +217,7 @@ class FileSink(Sink):
         self._file: Any = None
 
     def progress(self, progress: Progress, event: str | None) -> None:
-        if event is None:
+        if event in (None, HEARTBEAT):
             return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -538,7 +545,7 @@ class KubernetesStatusSink(Sink):
 def default_sinks(cfg: TrainConfig, *, interactive: bool | None = None) -> list[Sink]:
     """The terminal and progress.jsonl always; Prometheus when a port is set; the TrainingRun's status when
     running in one (the operator sets the run's name and namespace in the pod's environment)."""
-    sinks: list[Sink] = [TerminalSink(interactive), FileSink(Path(cfg.output.dir) / "progress.jsonl")]
+    sinks: list[Sink] = [TerminalSink(interactive), FileSink(Path(cfg.output.dir) / PROGRESS_FILE)]
     name, namespace = os.environ.get(contract.RUN_NAME_ENV), os.environ.get(contract.RUN_NAMESPACE_ENV)
     if cfg.reporting.metrics_port:
         try:

@@ -47,8 +47,15 @@ from kubetune_trainer.evaluate import write_report as write_eval_report
 from kubetune_trainer.guards import DivergenceGuard, EvaluationAbandoned, RunControl, StopRequest
 from kubetune_trainer.model import Hardware, apply_lora, load_model, parameter_counts
 from kubetune_trainer.preflight import Preflight, checkpoint_bytes, run_preflight, write_report
-from kubetune_trainer.report import HighLossSamples, ProgressTracker, per_sample_loss, write_loss_curves
-from kubetune_trainer.sinks import Reporter, Sink, camel, default_sinks, finite_or_none
+from kubetune_trainer.report import (
+    HIGH_LOSS_FILE,
+    HighLossSamples,
+    ProgressTracker,
+    drop_records_after,
+    per_sample_loss,
+    write_loss_curves,
+)
+from kubetune_trainer.sinks import PROGRESS_FILE, Reporter, Sink, camel, default_sinks, finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +480,7 @@ class Recipe:
     finished: bool  # resume_from ended training: evaluate and export only
     reporter: Reporter
     started: float
+    progress: ProgressTracker
 
     @property
     def data(self) -> PreparedData:
@@ -498,6 +506,15 @@ def setup(
     check_output_dir(out, cfg)
     identity = run_identity(cfg)
     existing, resume_from = find_resume(cfg, identity)
+    if resume_from is not None:
+        for log_file in (out / PROGRESS_FILE, out / HIGH_LOSS_FILE):
+            if dropped := drop_records_after(log_file, resume_from.step):
+                log.info(
+                    "Dropped %d records after step %d from %s: those steps run again",
+                    dropped,
+                    resume_from.step,
+                    log_file,
+                )
 
     hw = Hardware.detect()
     pf = run_preflight(cfg, hardware=hw, expect_gpus=expect_gpus, stage="run")
@@ -548,19 +565,20 @@ def _build(
         tracker.saved_step = resume_from.step
     committer = CheckpointCommitter(cfg, existing, tracker, stop, identity, reporter)
     samples = (
-        HighLossSamples(cfg.evaluation.high_loss_samples, out / "high_loss_samples.jsonl", data.train, pf.tokenizer)
+        HighLossSamples(cfg.evaluation.high_loss_samples, out / HIGH_LOSS_FILE, data.train, pf.tokenizer)
         if cfg.evaluation.high_loss_samples and has_validation
         else None
+    )
+    progress = ProgressTracker(
+        reporter,
+        samples_per_step=cfg.training.batch_size * cfg.training.gradient_accumulation_steps,
+        non_finite_steps=lambda: guard.total,
     )
     callbacks: list[TrainerCallback] = [
         RunControl(stop, guard, cfg.checkpoints.every_steps, cfg.checkpoints.every_minutes),
         tracker,
         committer,
-        ProgressTracker(
-            reporter,
-            samples_per_step=cfg.training.batch_size * cfg.training.gradient_accumulation_steps,
-            non_finite_steps=lambda: guard.total,
-        ),
+        progress,
     ]
     if samples is not None:
         callbacks.append(samples)
@@ -585,7 +603,9 @@ def _build(
     )
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)
-    return Recipe(cfg, pf, model, trainer, tracker, committer, stop, guard, resume_from, finished, reporter, started)
+    return Recipe(
+        cfg, pf, model, trainer, tracker, committer, stop, guard, resume_from, finished, reporter, started, progress
+    )
 
 
 def train(recipe: Recipe) -> dict[str, float]:
@@ -729,7 +749,14 @@ def finish(recipe: Recipe, train_metrics: dict[str, float]) -> RunResult:
     evaluation = None
     if data.test is not None:
         # The adapter against its base model, side by side, on the test split (evaluate.py).
-        evaluation = evaluate_test(recipe.model, recipe.tokenizer, data, cfg, baseline=cfg.evaluation.baseline)
+        evaluation = evaluate_test(
+            recipe.model,
+            recipe.tokenizer,
+            data,
+            cfg,
+            baseline=cfg.evaluation.baseline,
+            on_progress=lambda *_: recipe.progress.heartbeat(trainer.state),  # generation can take many minutes
+        )
         final["test_loss"] = evaluation.finetuned["loss"]
         for line in evaluation.summary_lines():
             log.info("%s", line)

@@ -31,6 +31,18 @@ app.kubernetes.io/component: operator
 {{- mul (trimSuffix $unit $d | int) (get $units $unit) -}}
 {{- end -}}
 
+{{/* kopf's liveness endpoint, which the probes call: the port Dockerfile.operator's ENTRYPOINT gives --liveness. */}}
+{{- define "kubetune.healthPort" -}}8081{{- end -}}
+
+{{/* The operator's /metrics port; never the health port, which both servers would then try to bind. */}}
+{{- define "kubetune.metricsPort" -}}
+{{- $port := int .Values.metrics.port -}}
+{{- if eq $port (int (include "kubetune.healthPort" .)) -}}
+{{- fail (printf "metrics.port: %d is the operator's health port (kopf's liveness endpoint, which the probes call); choose another port, such as 8080" $port) -}}
+{{- end -}}
+{{- $port -}}
+{{- end -}}
+
 {{- define "kubetune.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "kubetune.fullname" .) .Values.serviceAccount.name -}}
