@@ -5,7 +5,11 @@ operator: time from a run's creation to its prepare Job and to its training Job,
 operator process's peak memory, and API requests per run. The operator runs as its own
 process (`kopf run`), exactly as in its container.
 
-    python bench/operator_scale.py [--runs 500]
+Baseline: the same operator, same process, with one run at a time (--lone runs created one
+after another, each once the previous one has Succeeded): the latency a run sees on an idle
+operator. The burst's latencies are printed as a ratio to it.
+
+    python bench/operator_scale.py [--runs 500] [--lone 5]
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def peak_rss_mb(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--lone", type=int, default=5, help="baseline: runs created one at a time, first")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--verbose", action="store_true", help="requests per run by kind")
     args = parser.parse_args()
@@ -98,30 +103,49 @@ def main() -> None:
                 sys.exit("the operator never started watching")
             time.sleep(0.2)
         time.sleep(2)  # let kopf settle its watches
-        before = sum(server.requests.values())
         runs = server.resource("kubetune.io", "trainingruns")
-        started = time.monotonic()
-        for i in range(args.runs):
+
+        def create(name: str) -> None:
             body = {
                 "apiVersion": "kubetune.io/v1alpha1",
                 "kind": "TrainingRun",
-                "metadata": {"name": f"run-{i:04d}", "namespace": NAMESPACE},
+                "metadata": {"name": name, "namespace": NAMESPACE},
                 "spec": SPEC,
             }
-            server.call(lambda body=body: server.create(runs, NAMESPACE, body))
+            server.call(lambda: server.create(runs, NAMESPACE, body))
 
-        def succeeded() -> int:
+        def succeeded(prefix: str) -> int:
             return sum(
                 1
                 for r in server.call(lambda: server.list(runs, NAMESPACE))
-                if (r.get("status") or {}).get("phase") == "Succeeded"
+                if r["metadata"]["name"].startswith(prefix) and (r.get("status") or {}).get("phase") == "Succeeded"
             )
 
-        while succeeded() < args.runs:
+        for i in range(args.lone):  # the baseline: each run alone on an idle operator
+            create(f"lone-{i:02d}")
+            deadline = time.monotonic() + 120
+            while succeeded(f"lone-{i:02d}") < 1:
+                if time.monotonic() > deadline:
+                    sys.exit(f"lone-{i:02d} did not succeed within 120s")
+                time.sleep(0.1)
+
+        before = sum(server.requests.values())
+        started = time.monotonic()
+        for i in range(args.runs):
+            create(f"run-{i:04d}")
+
+        while succeeded("run-") < args.runs:
             if time.monotonic() - started > args.timeout:
-                sys.exit(f"only {succeeded()} of {args.runs} runs succeeded within {args.timeout}s")
+                sys.exit(f"only {succeeded('run-')} of {args.runs} runs succeeded within {args.timeout}s")
             time.sleep(0.5)
         all_done = time.monotonic() - started
+        # kopf posts Events from a queue of its own: count them once it has drained (no new one for 2 s).
+        settled, count = time.monotonic(), -1
+        while time.monotonic() - settled < 2 and time.monotonic() - started < args.timeout:
+            now = sum(n for kind, n in server.requests.items() if kind.endswith("/events"))
+            if now != count:
+                settled, count = time.monotonic(), now
+            time.sleep(0.2)
         requests = sum(server.requests.values()) - before
         by_kind = dict(server.requests)
         rss = peak_rss_mb(operator.pid)
@@ -130,11 +154,18 @@ def main() -> None:
         runner.stop()
     server.stop()
 
-    to_prepare = [t["prepare"] - t["run"] for t in created.values() if "prepare" in t and "run" in t]
-    to_train = [t["train"] - t["run"] for t in created.values() if "train" in t and "run" in t]
+    def latencies(prefix: str, job: str) -> list[float]:
+        return [t[job] - t["run"] for n, t in created.items() if n.startswith(prefix) and job in t and "run" in t]
+
     print(f"{args.runs} TrainingRuns created at once; pods complete instantly (no training)")
-    print(f"create -> prepare Job: p50 {statistics.median(to_prepare):.2f}s, p99 {percentile(to_prepare, 0.99):.2f}s")
-    print(f"create -> train Job:   p50 {statistics.median(to_train):.2f}s, p99 {percentile(to_train, 0.99):.2f}s")
+    print(f"baseline: {args.lone} runs one at a time on the same operator, each after the previous one Succeeded")
+    for job, label in (("prepare", "create -> prepare Job"), ("train", "create -> train Job  ")):
+        burst, lone = latencies("run-", job), latencies("lone-", job)
+        p50, p99, alone = statistics.median(burst), percentile(burst, 0.99), statistics.median(lone)
+        print(
+            f"{label}: burst p50 {p50:.2f}s, p99 {p99:.2f}s; baseline (alone) {alone:.2f}s; "
+            f"ratio p50/alone {p50 / alone:.1f}x"
+        )
     print(f"all {args.runs} Succeeded after {all_done:.1f}s")
     print(f"operator peak RSS: {rss:.0f} MB")
     # The job runner works on the store in-process: every request counted here is the operator's.

@@ -7,13 +7,14 @@ progress.jsonl, the Prometheus endpoint scraped every second (a PodMonitor scrap
 and the Kubernetes status sink patching a TrainingRun on an API server every second (the default
 is 5 s). The API server (the test emulator, real HTTP on 127.0.0.1) and the scraper run in a
 process of their own, as they would on other machines; they share this machine's cores in both
-variants. Rounds alternate off/on in one process on the same model and data, so drift in the
-machine hits both. A step's time is the median wall time between consecutive optimizer steps, and
+variants. Rounds alternate off/on in one process on the same model and data, the order swapped
+every round (off-on, on-off, ...), so neither drift in the machine nor going first favours one.
+A step's time is the median wall time between consecutive optimizer steps, and
 its CPU time that of the whole trainer process (every thread: torch's, the status sink's, the
 metrics server's) over the same interval: on a machine other work also loads, wall time measures
 that load as much as the sinks, and CPU time is the steadier figure.
 
-    python bench/reporting_overhead.py [--steps 80] [--rounds 3] [--hidden 256] [--layers 4]
+    python bench/reporting_overhead.py [--steps 80] [--rounds 6] [--hidden 256] [--layers 4]
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def train_once(work: Path, name: str, args: argparse.Namespace, sinks: list[Sink
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rows", type=int, default=800)
     parser.add_argument("--hidden", type=int, default=256)
@@ -201,19 +202,22 @@ def main() -> None:
             # sink's thread); done here, so that the rounds measure what each step costs.
             importlib.import_module("kubernetes")
             for round_ in range(args.rounds):
-                gaps["off"] += train_once(work, f"off{round_}", args, None).gaps
-                status = KubernetesStatusSink(lambda: status_patcher("ml", "bench"), interval=1.0)
-                sinks: list[Sink] = [
-                    TerminalSink(interactive=False),
-                    FileSink(work / f"on{round_}" / "output" / "progress.jsonl"),
-                    PrometheusSink(port),
-                    status,
-                ]
-                result = train_once(work, f"on{round_}", args, sinks)
-                gaps["on"] += result.gaps
-                foreground, background = foreground + result.foreground, background + result.background
-                on_steps += result.steps
-                patches += status.sent
+                for variant in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+                    if variant == "off":
+                        gaps["off"] += train_once(work, f"off{round_}", args, None).gaps
+                        continue
+                    status = KubernetesStatusSink(lambda: status_patcher("ml", "bench"), interval=1.0)
+                    sinks: list[Sink] = [
+                        TerminalSink(interactive=False),
+                        FileSink(work / f"on{round_}" / "output" / "progress.jsonl"),
+                        PrometheusSink(port),
+                        status,
+                    ]
+                    result = train_once(work, f"on{round_}", args, sinks)
+                    gaps["on"] += result.gaps
+                    foreground, background = foreground + result.foreground, background + result.background
+                    on_steps += result.steps
+                    patches += status.sent
                 off, on = (median(gaps[v], 0) * 1e3 for v in ("off", "on"))
                 print(f"round {round_ + 1}/{args.rounds}: median step {off:.1f} ms off, {on:.1f} ms on", flush=True)
             step_lines = len(re.findall(r"INFO +step \d+/\d+ \(", (work / "train.log").read_text()))
@@ -223,7 +227,7 @@ def main() -> None:
 
     print(
         f"model: Qwen2 hidden {args.hidden}, {args.layers} layers; batch {args.batch}; "
-        f"{args.rounds} rounds of {args.steps} steps per variant, alternating"
+        f"{args.rounds} rounds of {args.steps} steps per variant, alternating, the order swapped each round"
     )
     print(f"{'variant':<58} {'median step ms':>14} {'mean step ms':>12} {'median CPU ms':>13}")
     for name, variant in (("no reporting", "off"), ("all sinks on (terminal, jsonl, Prometheus 1s, status 1s)", "on")):
