@@ -20,6 +20,9 @@ NAME = "kubetune"
 MANAGED_BY = "kubetune-operator"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_PREFIX = "kubetune.io"  # kopf's own bookkeeping annotations go under it
+# On the volume the operator creates: the uid of the run that created it. The volume outlives its run (unless
+# storage.deleteWithRun), so a run applied again under the same name finds it, and can tell it is not its own.
+ANNOTATION_RUN_UID = f"{ANNOTATION_PREFIX}/run-uid"
 
 # Components, and the suffix of each child's name.
 PREPARE, TRAIN, CONFIG, TRAINER_IDENTITY, WORKSPACE_VOLUME = "prepare", "train", "config", "trainer", "workspace"
@@ -84,6 +87,7 @@ REASON_SUSPENDING = "Suspending"  # suspended, its trainer still saving a checkp
 REASON_SUSPENDED = "Suspended"
 REASON_COMPLETED = "Completed"
 REASON_INVALID_SPEC = trainer_errors.ConfigError.reason
+REASON_VOLUME_FULL = trainer_errors.StorageFullError.reason
 REASON_UNSCHEDULABLE = "Unschedulable"
 REASON_IMAGE_PULL = "ImagePullFailed"
 REASON_OOM = "OutOfMemory"
@@ -95,8 +99,10 @@ REASON_CONTAINER_CONFIG = "ContainerConfigError"  # a Secret or ConfigMap the po
 REASON_CREATE_FAILED = "CreateFailed"  # the API server refused a child (400/403/422)
 REASON_BLOCKED = "WaitingForOldChildren"  # a child's name is held by another owner (a deleted run's)
 REASON_OLD_PODS = "WaitingForOldPods"  # a replaced training Job's pod still runs on the run's volume
-REASON_QUOTA = "QuotaExceeded"
+REASON_QUOTA = "QuotaExceeded"  # a ResourceQuota keeps a Job, or a Job's pod, from being created
+REASON_POD_CREATE_FAILED = "PodCreateFailed"  # the Job controller cannot create the pod (see its FailedCreate Events)
 REASON_RETRYING = "Retrying"
+REASON_VOLUME_OF_EARLIER_RUN = "VolumeOfEarlierRun"  # the run's volume was kept from an earlier run of its name
 # The messages of the lifecycle's reasons ({fields} are filled in where they are used). A failure's message is
 # composed in status.py from what was observed: the trainer's words, the limit it hit, the setting to change.
 MESSAGE_CREATING = "Creating the run's volume, config and prepare Job."
@@ -112,6 +118,12 @@ MESSAGE_RESTARTING = "The training pod {why}; starting another that resumes from
 MESSAGE_SUSPENDING = "The trainer is saving a checkpoint before it stops."
 MESSAGE_SUSPENDED = "Suspended with its checkpoint saved; set spec.suspend: false to resume."
 MESSAGE_SUSPENDED_BEFORE_TRAINING = "Suspended before training started; set spec.suspend: false."
+MESSAGE_SUSPENDED_BEFORE_START = "Suspended before it started: nothing is created until spec.suspend is false."
+MESSAGE_SUSPENDING_PREPARE = "The prepare pod is stopping."
+MESSAGE_SUSPENDED_PREPARING = (
+    "Suspended while preparing; set spec.suspend: false to resume (preparing starts again, reusing what it has "
+    "fetched to the volume)."
+)
 MESSAGE_KUEUE = "Waiting for Kueue to admit the training Job in queue {queue}."
 MESSAGE_ADMITTED = "Kueue admitted the training Job."  # the Admitted condition's
 MESSAGE_NOT_ADMITTED = "The training Job waits for Kueue, or does not exist now."
@@ -122,14 +134,42 @@ MESSAGE_OLD_PODS = (
 )
 MESSAGE_COMPLETED = "Training finished; the adapter is on volume {volume} in {path}."
 MESSAGE_INVALID = "{problem} Fix it in a new TrainingRun (the spec is fixed)."
+# Only api.MUTABLE_FIELDS may change on a run: advice to change any other field says how to get a new run.
+NEW_RUN = "a new TrainingRun (delete this one and apply it again, or apply it under another name)"
+MESSAGE_FIXED_SPEC = f"This run stays failed, and its spec is fixed: make the change in {NEW_RUN}."
+MESSAGE_VOLUME_OF_EARLIER_RUN = (
+    "Volume {volume} existed before this run (an earlier TrainingRun named {run} kept it); this run uses the files "
+    "on it. With the same model, LoRA, data and batching it resumes from their checkpoints (or exports their "
+    "adapter again); with other ones the trainer refuses them and the run fails. To start afresh, delete this run and "
+    "PersistentVolumeClaim {volume} before applying it again, or apply it under another name."
+)
+# The trainer's words for a volume that holds another run's checkpoints or adapter (kubetune_trainer.train:
+# find_resume, finished_run, check_output_dir); status.py adds what to do about it in a cluster.
+EARLIER_RUN_TEXTS = (
+    "holds checkpoints of a different run",
+    "holds a finished run trained with other",
+    "already holds the adapter of another run",
+)
 MESSAGE_INVALID_WHILE_RUNNING = (
     "{problem} The run is stopped (its Jobs suspended, its checkpoints kept). This can be undone: restore a valid "
     "spec and it resumes from its newest checkpoint."
 )
 # Waiting phases that need someone to act: posted as Warning Events (as every Failed is).
-WARNING_REASONS = (REASON_UNSCHEDULABLE, REASON_IMAGE_PULL, REASON_CONTAINER_CONFIG, REASON_BLOCKED, REASON_QUOTA)
+WARNING_REASONS = (
+    REASON_UNSCHEDULABLE,
+    REASON_IMAGE_PULL,
+    REASON_CONTAINER_CONFIG,
+    REASON_BLOCKED,
+    REASON_QUOTA,
+    REASON_POD_CREATE_FAILED,
+)
 # An image that has not pulled this long after the pod was scheduled fails the run (time spent waiting
 # for a node does not count: the pull starts on the node).
 IMAGE_PULL_GRACE_SECONDS = 300
+# A Job without a live pod this long after it was created or resumed: the operator reads the Job's FailedCreate
+# Events (a full ResourceQuota, a missing PriorityClass, an admission denial) to say why. Only then: the common
+# case costs no request. KUBETUNE_POD_CREATE_GRACE_SECONDS overrides it.
+POD_CREATE_GRACE_SECONDS = 20.0
+EVENT_FAILED_CREATE = "FailedCreate"
 # Kubelet waiting reasons of a container whose Secret/ConfigMap (env, hfTokenSecret) is missing.
 CONTAINER_CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")

@@ -4,7 +4,8 @@
     python -m kubetune_operator.crd --check    # exits 1 if either file is stale
 
 Pydantic's JSON schema is turned into a Kubernetes structural schema: references
-inlined, `X | None` as nullable X, titles dropped, `additionalProperties: false` dropped
+inlined, `X | None` as X (nullable only where null means something else than unset,
+see `structural`), titles dropped, `additionalProperties: false` dropped
 (structural schemas forbid it beside properties; the API server prunes unknown fields
 and the operator re-validates with `extra="forbid"`), exclusive bounds in OpenAPI v3
 form, `default: {}` on sections whose fields all have defaults (so the API server fills
@@ -46,28 +47,41 @@ def _annotation_models(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in getattr(annotation, "__args__", ()) for m in _annotation_models(arg)]
 
 
-def structural(model: type[BaseModel]) -> dict[str, Any]:
-    """The structural OpenAPI v3 schema of a pydantic model."""
+def structural(model: type[BaseModel], nullable: bool = True) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a pydantic model.
+
+    An `X | None` field is `nullable` where null is a value of its own. With `nullable=False` (the spec) only
+    fields whose default is not null keep it (metricsPort: null turns metrics off): elsewhere null means unset,
+    and the API server prunes a null of a field that is not nullable before defaulting and validation, as it
+    would refuse it against an enum (imagePullPolicy: null) or a type. The status keeps every null (the trainer
+    writes null for a loss that is not finite)."""
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     models = _models_by_title(model)
-    return _convert(raw, defs, models, model.__name__)
+    return _convert(raw, defs, models, model.__name__, nullable)
 
 
-def _convert(node: dict[str, Any], defs: dict[str, Any], models: dict[str, type[BaseModel]], name: str | None) -> dict:
+def _convert(
+    node: dict[str, Any],
+    defs: dict[str, Any],
+    models: dict[str, type[BaseModel]],
+    name: str | None,
+    nullable: bool = True,
+) -> dict:
     if "$ref" in node:
         ref = node["$ref"].rsplit("/", 1)[-1]
         merged = {**defs[ref], **{k: v for k, v in node.items() if k != "$ref"}}
-        return _convert(merged, defs, models, ref)
+        return _convert(merged, defs, models, ref, nullable)
     if "anyOf" in node and not node.get("x-kubernetes-int-or-string"):
         options = [o for o in node["anyOf"] if o.get("type") != "null"]
         if len(options) == 1 and len(options) < len(node["anyOf"]):
             rest = {k: v for k, v in node.items() if k != "anyOf"}
-            out = _convert({**options[0], **rest}, defs, models, None)
-            out["nullable"] = True
+            out = _convert({**options[0], **rest}, defs, models, None, nullable)
             if out.get("default", 0) is None:
                 del out["default"]
-            return out
+            if nullable or "default" in out:
+                out["nullable"] = True
+            return _ordered(out)
         raise ValueError(f"cannot render a union as a structural schema: {node}")
 
     out: dict[str, Any] = {}
@@ -77,14 +91,14 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], models: dict[str, type[
         if key == "additionalProperties" and (value is False or (value is True and "properties" in node)):
             continue  # structural schemas allow neither beside properties; unknown fields are pruned
         if key == "properties":
-            out["properties"] = {p: _convert(v, defs, models, None) for p, v in value.items()}
+            out["properties"] = {p: _convert(v, defs, models, None, nullable) for p, v in value.items()}
         elif key == "items":
-            out["items"] = _convert(value, defs, models, None)
+            out["items"] = _convert(value, defs, models, None, nullable)
             # An item is never absent, so a default there is never applied, but the API server still checks it
             # against the item's rules: `{}` for a toleration fails "a key unless operator is Exists".
             out["items"].pop("default", None)
         elif key == "additionalProperties" and isinstance(value, dict):
-            out["additionalProperties"] = _convert(value, defs, models, None)
+            out["additionalProperties"] = _convert(value, defs, models, None, nullable)
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             bound = "minimum" if key == "exclusiveMinimum" else "maximum"
             out[bound], out[key] = value, True
@@ -207,7 +221,7 @@ NAME_RULE = {
 
 
 def render() -> dict[str, Any]:
-    spec = structural(api.TrainingRunSpec)
+    spec = structural(api.TrainingRunSpec, nullable=False)
     _immutable(spec)
     status = structural(api.TrainingRunStatus)
     status.pop("default", None)

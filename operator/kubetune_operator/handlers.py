@@ -5,7 +5,10 @@ Three routes lead to the same `reconcile`:
   backoff when the API fails (TemporaryError);
 - its Jobs' events, which move as pods start and end;
 - a resync every `resync_seconds` over the runs that are not finished, which catches what
-  no event announces (a pod that stays unschedulable, an image that never pulls).
+  no event announces (a pod that stays unschedulable, an image that never pulls, a pod the Job
+  controller cannot create: a Job without a live pod KUBETUNE_POD_CREATE_GRACE_SECONDS (20) after
+  its start has its FailedCreate Events read, and only then).
+Each pass runs under the run's lock, on the newest body kopf has delivered for it.
 
 The operator's /metrics (metrics.py) serves a collector over the runs it knows and its own
 reconcile counts and durations, on KUBETUNE_METRICS_PORT (8080; 0 turns it off).
@@ -43,9 +46,11 @@ from kubetune_operator.status import (
     Observation,
     PodLedger,
     PodView,
+    awaits_pod,
     controller_uid,
     derive,
     old_pods,
+    pod_create_failure,
     prepared,
 )
 
@@ -61,6 +66,7 @@ def settings_from_env(env: dict[str, str] | None = None) -> resources.OperatorSe
         trainer_image=env.get("KUBETUNE_TRAINER_IMAGE", defaults.trainer_image),
         image_pull_policy=env.get("KUBETUNE_IMAGE_PULL_POLICY", defaults.image_pull_policy),
         image_pull_secrets=secrets,
+        pod_create_grace_seconds=float(env.get("KUBETUNE_POD_CREATE_GRACE_SECONDS", defaults.pod_create_grace_seconds)),
     )
 
 
@@ -90,6 +96,7 @@ def observe(
     invalid: str | None,
     memory: RunMemory,
     previous: dict[str, Any],
+    grace: float = c.POD_CREATE_GRACE_SECONDS,
 ) -> Observation:
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
@@ -98,6 +105,7 @@ def observe(
     # also when no Job is left, once a training Job was made: a deleted one's may still run (old_pods).
     jobs, pods = kube.children(namespace, name, run.uid, pods=bool(previous.get("jobName")))
     memory.job_versions = {n: j["metadata"].get("resourceVersion", "") for n, j in jobs.items()}
+    now = datetime.now(timezone.utc)
 
     def job_view(component: str) -> JobView | None:
         job = jobs.get(resources.child_name(name, component))
@@ -106,7 +114,10 @@ def observe(
         uid = job["metadata"].get("uid")
         # By the controller's uid, not the job-name label: a replaced Job's pods carry the same name.
         owned = [p for p in pods if controller_uid(p) == uid]
-        return JobView.from_dict(job, owned)
+        view = JobView.from_dict(job, owned)
+        if uid and awaits_pod(view, now, grace):  # only then: most passes read no Events
+            view = replace(view, create_failure=pod_create_failure(kube.failed_creates(namespace, uid), view))
+        return view
 
     train = job_view(c.TRAIN)
     suspended = invalid is not None or bool(spec and spec.suspend) or bool(train and train.suspended)
@@ -122,7 +133,7 @@ def observe(
         prepare=job_view(c.PREPARE),
         train=train,
         previous=previous,
-        now=datetime.now(timezone.utc),
+        now=now,
         volume=volume,
         output=output,
         pods=tuple(PodView.from_dict(p) for p in pods),
@@ -147,19 +158,25 @@ def _stop(kube: Kube, namespace: str, obs: Observation) -> Observation:
     return obs
 
 
-def _create_base(kube: Kube, manifests: list[dict[str, Any]]) -> None:
+def _create_base(kube: Kube, run: resources.RunRef, manifests: list[dict[str, Any]]) -> bool:
     """Create the base children; say at once every one that is blocked, and hold the prepare Job back
-    while any is (its pod would mount an old run's volume or config)."""
+    while any is (its pod would mount an old run's volume or config). True when the run's volume was there
+    already, made for another run (one of the same name, deleted, whose volume was kept)."""
     blocked: list[ChildBlocked] = []
+    earlier = False
     for manifest in manifests:
         if manifest["kind"] == "Job" and blocked:
             break
         try:
-            kube.create(manifest)
+            found = kube.create(manifest)
         except ChildBlocked as exc:
             blocked.append(exc)
+            continue
+        if found is not None and manifest["kind"] == "PersistentVolumeClaim":
+            earlier = (found["metadata"].get("annotations") or {}).get(c.ANNOTATION_RUN_UID) != run.uid
     if blocked:
         raise ChildBlocked(blocked[0].reason, " ".join(str(b) for b in blocked))
+    return earlier
 
 
 def act(
@@ -170,7 +187,7 @@ def act(
     ns, spec = run.namespace, obs.spec
     if derived.retry and obs.train is not None:
         # The failed Job cannot run again; its replacement (next pass, once this one is gone) resumes from
-        # the newest checkpoint on the volume.
+        # the newest checkpoint on the volume. reconcile has written the Retrying status already.
         kube.delete_job(ns, obs.train.name)
         return replace(obs, train=None)
     if derived.stop_jobs:
@@ -180,11 +197,15 @@ def act(
     prepare, train = obs.prepare, obs.train
     if not prepared(obs):
         if prepare is None:
-            _create_base(kube, resources.base_children(run, spec, settings))
-            return replace(obs, prepare=JobView(resources.child_name(run.name, c.PREPARE)))
-        if prepare.suspended and not prepare.finished:  # stopped while the spec was invalid; valid again
-            kube.set_job_suspended(ns, prepare.name, False)
-            obs = replace(obs, prepare=replace(prepare, suspended=False))
+            if spec.suspend:
+                return obs  # a run made suspended gets nothing until it is resumed
+            earlier = _create_base(kube, run, resources.base_children(run, spec, settings))
+            return replace(obs, prepare=JobView(resources.child_name(run.name, c.PREPARE)), earlier_volume=earlier)
+        # Suspended on request (its pod stops; preparing starts again on resume), or resumed: also after the
+        # spec was invalid for a while.
+        if prepare.suspended != spec.suspend and not prepare.finished:
+            kube.set_job_suspended(ns, prepare.name, spec.suspend)
+            obs = replace(obs, prepare=replace(prepare, suspended=spec.suspend))
         return obs
     if train is None:
         if spec.suspend:
@@ -273,8 +294,13 @@ def reconcile(
     previous = dict(body.get("status") or {})
     if memory.status is not None:
         previous = {k: v for k, v in previous.items() if k not in OPERATOR_FIELDS} | memory.status
-    obs = observe(kube, body, spec, invalid, memory, previous)
+    obs = observe(kube, body, spec, invalid, memory, previous, settings.pod_create_grace_seconds)
     derived = derive(obs)
+    if derived.retry:
+        # Said before the failed Job is deleted: were it deleted and this write lost (an API error, an operator
+        # restart), the run would stay Failed with nothing left to retry from. Said first, a lost deletion is
+        # redone by the next pass (status.retry_due).
+        previous = publish(kube, run, body, memory, previous, derived, post_event)
     problem: ChildBlocked | CreateRefused | None = None
     try:
         acted = act(kube, settings, run, obs, derived)
@@ -288,24 +314,40 @@ def reconcile(
     # nor a retry's, whose replacement Job comes once the failed one is gone.
     if acted is not obs and derived.phase not in c.TERMINAL and not derived.retry:
         obs, derived = acted, derive(acted)
-    patch = status_patch(previous, derived)
-    if patch is not None:
-        kube.patch_run_status(run.namespace, run.name, patch)
-        memory.status = dict(derived.status)
-        body["status"] = merge_patch(body.get("status") or {}, patch)  # the cache the resync and metrics read
-        if (previous.get("phase"), previous.get("reason")) != derived.summary:
-            warning = derived.phase == c.FAILED or derived.reason in c.WARNING_REASONS
-            post_event(
-                body,
-                type="Warning" if warning else "Normal",
-                reason=derived.reason or derived.phase,
-                message=f"{derived.phase}: {derived.message}"[:1000],
-            )
+    publish(kube, run, body, memory, previous, derived, post_event)
     if derived.phase in c.TERMINAL:
         expire(kube, run.namespace, obs)
     if problem is not None:
         raise problem
     return derived
+
+
+def publish(
+    kube: Kube,
+    run: resources.RunRef,
+    body: dict[str, Any],
+    memory: RunMemory,
+    previous: dict[str, Any],
+    derived: Derived,
+    post_event: Callable[..., None],
+) -> dict[str, Any]:
+    """Patch the run's status to `derived` (if it changed) and post an Event when its phase or reason did;
+    return the status as it now stands."""
+    patch = status_patch(previous, derived)
+    if patch is None:
+        return previous
+    kube.patch_run_status(run.namespace, run.name, patch)
+    memory.status = dict(derived.status)
+    body["status"] = merge_patch(body.get("status") or {}, patch)  # the cache the resync and metrics read
+    if (previous.get("phase"), previous.get("reason")) != derived.summary:
+        warning = derived.phase == c.FAILED or derived.reason in c.WARNING_REASONS
+        post_event(
+            body,
+            type="Warning" if warning else "Normal",
+            reason=derived.reason or derived.phase,
+            message=f"{derived.phase}: {derived.message}"[:1000],
+        )
+    return {k: v for k, v in previous.items() if k not in OPERATOR_FIELDS} | derived.status
 
 
 def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -357,12 +399,18 @@ class Runs:
             self._locks.pop(key, None)
 
 
-def _reconcile_locked(memo: kopf.Memo, body: dict[str, Any], trigger: str) -> Derived:
+def _reconcile_locked(memo: kopf.Memo, body: dict[str, Any], trigger: str) -> Derived | None:
+    """Reconcile the run of `body` under its lock, from its newest body: the caller's may have been taken before
+    another pass (a spec update's) held the lock, and acting on an older spec would undo that pass (unsuspend a
+    Job just suspended, put back an old backoffLimit). None when the run is gone meanwhile."""
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     with memo.runs.lock(key):
+        latest = memo.runs.bodies.get(key)
+        if latest is None:
+            return None  # deleted (or never seen by kopf): nothing to reconcile
         return memo.metrics.observe(
             trigger,
-            lambda: reconcile(memo.kube, memo.settings, body, memo.runs.memory_of(body), memo.post_event),
+            lambda: reconcile(memo.kube, memo.settings, latest, memo.runs.memory_of(latest), memo.post_event),
         )
 
 

@@ -47,6 +47,7 @@ CALLS: tuple[tuple[str, str, str], ...] = (
     ("delete", "batch", "jobs"),  # a Kueue run's suspension, a retry
     ("list", "", "pods"),
     ("create", "", "events"),  # kopf posts core v1 Events
+    ("list", "", "events"),  # a Job's FailedCreate Events, once it has had no pod for a while
 )
 
 # Held without being called. RBAC lets no one grant what they do not hold: the operator grants each run's
@@ -100,8 +101,9 @@ class Kube:
     def _dict(self, obj: Any) -> dict[str, Any]:
         return self.client.sanitize_for_serialization(obj)
 
-    def create(self, manifest: dict[str, Any]) -> bool:
-        """Create a child; False if this run's own one exists already (creating is idempotent).
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """Create a child; when one exists already (creating is idempotent), return it: this run's own, or the
+        volume that outlives runs (whoever made it). None once it is made.
 
         Raises ChildBlocked when the name is held by an object of another owner (a deleted run of the same
         name whose children are still being garbage-collected), or by one being deleted; CreateRefused
@@ -119,8 +121,7 @@ class Kube:
             creators[kind](namespace=meta["namespace"], body=manifest)
         except ApiException as exc:
             if exc.status == 409:
-                self._check_existing(manifest)
-                return False
+                return self._check_existing(manifest)
             if _quota(exc):
                 raise ChildBlocked(
                     c.REASON_QUOTA, f"Cannot create {kind} {meta['name']} yet: {server_message(exc)}."
@@ -129,14 +130,13 @@ class Kube:
                 raise CreateRefused(kind, meta["name"], exc.status, server_message(exc)) from exc
             raise
         log.info("Created %s %s", kind, meta["name"])
-        return True
+        return None
 
-    def _check_existing(self, manifest: dict[str, Any]) -> None:
-        """A 409: fine if the object is this run's; ChildBlocked if another owner holds the name."""
+    def _check_existing(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """A 409: the object, if it is this run's; ChildBlocked if another owner holds the name. An object
+        without owner (the volume that outlives runs) is the one to use, whoever made it."""
         meta = manifest["metadata"]
         owner = next((r["uid"] for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
-        if owner is None:
-            return  # not owned (the volume that outlives runs): whoever made it, it is the one to use
         readers: dict[str, Callable[..., Any]] = {
             "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
             "ConfigMap": self.core.read_namespaced_config_map,
@@ -154,12 +154,15 @@ class Kube:
         theirs = next(
             (r.get("uid") for r in found["metadata"].get("ownerReferences") or [] if r.get("controller")), None
         )
+        if owner is None:
+            return found
         if theirs != owner or found["metadata"].get("deletionTimestamp"):
             raise ChildBlocked(
                 c.REASON_BLOCKED,
                 f"{manifest['kind']} {meta['name']} still exists from an earlier TrainingRun of this name (or is "
                 "being deleted); waiting for Kubernetes to remove it before creating this run's own.",
             )
+        return found
 
     def children(
         self, namespace: str, run: str, uid: str, pods: bool = False
@@ -179,6 +182,12 @@ class Kube:
             return {}, []  # spare the second request (new runs are most of a burst)
         found_pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
         return jobs, [self._dict(p) for p in found_pods]
+
+    def failed_creates(self, namespace: str, job_uid: str) -> list[dict[str, Any]]:
+        """The FailedCreate Events of a Job: the Job controller's word on a pod it cannot create."""
+        selector = f"involvedObject.uid={job_uid},reason={c.EVENT_FAILED_CREATE}"
+        found = self.core.list_namespaced_event(namespace, field_selector=selector).items
+        return [self._dict(e) for e in found]
 
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         self.batch.patch_namespaced_job(name, namespace, body=patch, _content_type=MERGE_PATCH)

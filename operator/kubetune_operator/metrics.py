@@ -51,10 +51,16 @@ RUN_SERIES: dict[str, str] = {
         "the stall alert's clock."
     ),
     "kubetune_run_phase_transition_timestamp_seconds": (
-        "Unix time the run entered its current phase (the last change of its conditions; its creation before "
-        "any). Pending and Initializing share one clock until the data is prepared."
+        "Unix time the run entered its current phase: the last change of its phase conditions (Initialized, "
+        "Running, Suspended, Succeeded, Failed; not Kueue's Admitted), its creation before any. Pending and "
+        "Initializing share one clock until the data is prepared."
     ),
 }
+# The conditions that flip when the phase changes. Admitted is not one: Kueue admits a run that then waits
+# for GPUs, still Queued, and that run's clock must not start over. Other condition types do not count either.
+PHASE_CONDITIONS = frozenset(
+    {c.CONDITION_INITIALIZED, c.CONDITION_RUNNING, c.CONDITION_SUSPENDED, c.CONDITION_SUCCEEDED, c.CONDITION_FAILED}
+)
 COUNTERS = frozenset({"kubetune_run_restarts_total", "kubetune_run_non_finite_steps_total"})
 RUN_METRICS = ("kubetune_run_phase", *PROGRESS_GAUGES, *RUN_SERIES)
 OPERATOR_METRICS = ("kubetune_operator_reconciles_total", "kubetune_operator_reconcile_duration_seconds")
@@ -108,12 +114,12 @@ def run_samples(body: dict[str, Any]) -> dict[str, Any]:
     )
     if last is not None:
         out["kubetune_run_last_progress_timestamp_seconds"] = last
-    # Every phase change flips one condition (Initialized, Running, Suspended, Succeeded, Failed) and a
-    # condition's lastTransitionTime moves only when its status does; persisted in the status, this clock
-    # survives operator restarts and scrape gaps, which reset a rule's `for:`.
-    since = _latest(*(timestamp(cond.get("lastTransitionTime")) for cond in conditions)) or timestamp(
-        (body.get("metadata") or {}).get("creationTimestamp")
-    )
+    # Every phase change flips one of PHASE_CONDITIONS, and a condition's lastTransitionTime moves only when
+    # its status does; persisted in the status, this clock survives operator restarts and scrape gaps, which
+    # reset a rule's `for:`. Other conditions (Admitted) change within a phase: they do not count.
+    since = _latest(
+        *(timestamp(cond.get("lastTransitionTime")) for cond in conditions if cond.get("type") in PHASE_CONDITIONS)
+    ) or timestamp((body.get("metadata") or {}).get("creationTimestamp"))
     if since is not None:
         out["kubetune_run_phase_transition_timestamp_seconds"] = since
     return out

@@ -48,6 +48,7 @@ class OperatorSettings:
     prepare_backoff_limit: int = 2
     shm_size: str = "8Gi"
     extra_labels: dict[str, str] = field(default_factory=dict)
+    pod_create_grace_seconds: float = c.POD_CREATE_GRACE_SECONDS
 
 
 def child_name(run: str, component: str) -> str:
@@ -84,10 +85,12 @@ def workspace_claim(run: RunRef, spec: api.TrainingRunSpec, settings: OperatorSe
     """The run's volume, or None when spec.storage.existingClaim names one."""
     if spec.storage.existing_claim:
         return None
+    meta = _metadata(run, c.WORKSPACE_VOLUME, settings, owned=spec.storage.delete_with_run)
+    meta["annotations"] = {c.ANNOTATION_RUN_UID: run.uid}  # a later run of the same name can tell it is not its own
     claim: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": _metadata(run, c.WORKSPACE_VOLUME, settings, owned=spec.storage.delete_with_run),
+        "metadata": meta,
         "spec": {
             "accessModes": ["ReadWriteOnce"],
             "resources": {"requests": {"storage": str(spec.storage.size)}},
@@ -203,6 +206,9 @@ def _pod_template(
             "runAsUser": c.TRAINER_UID,
             "runAsGroup": c.TRAINER_UID,
             "fsGroup": c.TRAINER_UID,
+            # Without it the kubelet changes the owner of every file on the volume at each pod start: minutes for
+            # a model cache and many checkpoints. The volume's root tells whether that was done.
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [
@@ -251,14 +257,16 @@ def _pod_template(
 
 def _pod_failure_policy() -> dict[str, Any]:
     return {
+        # The first rule a failed pod matches decides.
         "rules": [
+            # Evictions, preemptions and node drains are not the trainer's failures, whatever code it exited with
+            # while it stopped: this rule comes first.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             # Retrying cannot fix a bad config, a failed preflight, divergence, a full volume or GPU OOM.
             {
                 "action": "FailJob",
                 "onExitCodes": {"containerName": c.CONTAINER, "operator": "In", "values": sorted(c.FAILJOB_EXIT_CODES)},
             },
-            # Evictions, preemptions and node drains are not the trainer's failures.
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]
     }
 

@@ -103,7 +103,11 @@ class JobView:
     completion_time: str | None = None
     pods: tuple[PodView, ...] = ()
     uid: str | None = None
+    created: str | None = None
     kueue: bool = False  # carries Kueue's queue-name label: Kueue decides when it runs
+    # Why the Job controller cannot create its pod (its latest FailedCreate Event), looked up only once the Job
+    # has had no live pod for a while (awaits_pod).
+    create_failure: str | None = None
     # The spec fields a running Job may change (the API server keeps the rest of a Job's spec fixed).
     backoff_limit: int | None = None
     active_deadline_seconds: int | None = None
@@ -125,23 +129,34 @@ class JobView:
             completion_time=_rfc3339(status.get("completionTime")),
             pods=tuple(views),
             uid=job["metadata"].get("uid"),
+            created=_rfc3339(job["metadata"].get("creationTimestamp")),
             kueue=c.LABEL_KUEUE_QUEUE in (job["metadata"].get("labels") or {}),
             backoff_limit=spec.get("backoffLimit"),
             active_deadline_seconds=spec.get("activeDeadlineSeconds"),
             ttl_seconds_after_finished=spec.get("ttlSecondsAfterFinished"),
         )
 
+    # Since Kubernetes 1.31 the Job controller sets FailureTarget (SuccessCriteriaMet) as soon as the outcome is
+    # decided, and Failed (Complete) only once the Job's pods have terminated: the outcome counts from the first.
     @property
     def finished(self) -> bool:
         return self.complete or self.failed_condition is not None
 
     @property
     def complete(self) -> bool:
-        return "Complete" in self.conditions
+        return self.complete_condition is not None
+
+    @property
+    def complete_condition(self) -> dict[str, Any] | None:
+        return self.conditions.get("Complete") or self.conditions.get("SuccessCriteriaMet")
 
     @property
     def failed_condition(self) -> dict[str, Any] | None:
-        return self.conditions.get("Failed")
+        return self.conditions.get("Failed") or self.conditions.get("FailureTarget")
+
+    @property
+    def live_pods(self) -> list[PodView]:
+        return [p for p in self.pods if not p.ended]
 
     @property
     def pending_pods(self) -> list[PodView]:
@@ -174,6 +189,7 @@ class Observation:
     restarts: int = 0  # training pods that ended, and were replaced, while the run was not suspended
     create_error: str | None = None  # the API server refused to create a child (a 4xx): the run cannot go on
     blocked: tuple[str, str] | None = None  # (reason, message): a child cannot be created yet (transient)
+    earlier_volume: bool = False  # the run's volume existed already, made by an earlier run of its name
 
 
 @dataclass(frozen=True)
@@ -213,6 +229,35 @@ def started(obs: Observation) -> bool:
     return obs.prepare is not None or obs.train is not None or prepared(obs)
 
 
+def awaits_pod(job: JobView, now: datetime, grace: float) -> bool:
+    """The Job should have a live pod by now and has none: `grace` seconds after it was made or resumed (a
+    resumed Job's startTime moves), it is not suspended, not finished. Then the Job controller may be failing to
+    create the pod, and only its Events say why (a full ResourceQuota, a missing PriorityClass, an admission
+    webhook or PodSecurity denial). A pod between restarts (the Job's backoff) also has none for a while."""
+    if job.suspended or job.finished or job.live_pods:
+        return False
+    since = max((t for t in (_parse_time(job.created), _parse_time(job.start_time)) if t is not None), default=None)
+    return since is not None and (now - since).total_seconds() >= grace
+
+
+def _event_time(event: dict[str, Any]) -> datetime | None:
+    meta = event.get("metadata") or {}
+    when = event.get("lastTimestamp") or event.get("eventTime") or meta.get("creationTimestamp")
+    return _parse_time(when) if isinstance(when, str) else None
+
+
+def pod_create_failure(events: list[dict[str, Any]], job: JobView) -> str | None:
+    """The message of the Job's latest FailedCreate Event that is not older than its last start and its newest
+    pod (older ones were about an attempt that has since got its pod), or None."""
+    times = (_parse_time(t) for t in (job.created, job.start_time, *(p.created for p in job.pods)))
+    floor = max((t for t in times if t is not None), default=None)
+    dated = [(when, e) for e in events if (when := _event_time(e)) is not None and (floor is None or when >= floor)]
+    if not dated:
+        return None
+    _, latest = max(dated, key=lambda pair: (pair[0], int(pair[1].get("count") or 0)))
+    return str(latest.get("message") or "").strip() or None
+
+
 # --------------------------------------------------------------------------- messages
 
 
@@ -239,8 +284,50 @@ def _while_kept(spec: api.TrainingRunSpec) -> str:
     return "" if ttl is None else f" within ttlSecondsAfterFinished={ttl}s, while the failed Job is kept"
 
 
-def failure(job: JobView, spec: api.TrainingRunSpec, component: str) -> tuple[str, str]:
+def _after_trainer(reason: str, words: str, obs: Observation) -> str:
+    """What to do in a cluster after the trainer's own words (written for a local run, where the config can
+    change and the run can simply be started again): a TrainingRun's spec is fixed, and a failed run stays
+    failed. Its volume is kept (unless storage.deleteWithRun), and a run applied again under the same name
+    goes on from the files on it."""
+    spec = obs.spec
+    assert spec is not None
+    claim = spec.storage.existing_claim
+    folder = f"runs/{obs.name}/ on claim {obs.volume}" if claim else f"volume {obs.volume}"
+    if reason == c.REASON_INVALID_SPEC and any(text in words for text in c.EARLIER_RUN_TEXTS):
+        where = (
+            f"This run's folder runs/{obs.name}/ on claim {obs.volume} holds the files of an earlier TrainingRun "
+            f"named {obs.name}, and the spec (checkpoints.dir, output.dir) is fixed. Apply this spec under another "
+            f"name, or delete this run, remove runs/{obs.name}/ from the claim and apply it again"
+            if claim
+            else f"Volume {obs.volume} was kept from an earlier TrainingRun named {obs.name}, and the spec "
+            "(checkpoints.dir, output.dir) is fixed. Apply this spec under another name, or delete this run and "
+            f"PersistentVolumeClaim {obs.volume} (kubectl delete trainingrun {obs.name}; kubectl delete pvc "
+            f"{obs.volume}) and apply it again"
+        )
+        return f"{where}; to go on with the earlier run instead, delete this run and apply that run's spec."
+    if reason == c.REASON_VOLUME_FULL:
+        if spec.storage.delete_with_run:
+            return (
+                "This run stays failed, and its volume goes when it is deleted (storage.deleteWithRun): apply it "
+                "again with a larger storage.size or a lower checkpoints.keep; it starts afresh."
+            )
+        grow = (
+            "free space on it or have it enlarged"
+            if claim
+            else "enlarge it (if its storage class allows) or free space on it"
+        )
+        return (
+            f"This run stays failed; its files are kept in {folder}. To go on: {grow}, then delete this run and "
+            "apply it again under the same name: it goes on from the files there (the fetched model, the newest "
+            "checkpoint)."
+        )
+    return c.MESSAGE_FIXED_SPEC
+
+
+def failure(job: JobView, obs: Observation, component: str) -> tuple[str, str]:
     """Why a failed Job failed, as (reason, message that says what to change)."""
+    spec = obs.spec
+    assert spec is not None
     condition = job.failed_condition or {}
     where = f"the {component} pod"
     if condition.get("reason") == "DeadlineExceeded":
@@ -252,8 +339,9 @@ def failure(job: JobView, spec: api.TrainingRunSpec, component: str) -> tuple[st
     pod = _last_failure(job)
     if pod is not None and pod.exit_code in c.FAILJOB_EXIT_CODES:
         reason = c.FAILJOB_EXIT_CODES[pod.exit_code]
-        detail = trainer_message(pod) or f"{where} exited with code {pod.exit_code}"
-        return reason, detail
+        words = trainer_message(pod)
+        detail = words or f"{where.capitalize()} exited with code {pod.exit_code}."
+        return reason, f"{detail.rstrip()} {_after_trainer(reason, words, obs)}"
     if pod is not None and pod.terminated_reason == "OOMKilled":
         setting, limit = (
             ("memory", spec.resources.memory)
@@ -262,8 +350,8 @@ def failure(job: JobView, spec: api.TrainingRunSpec, component: str) -> tuple[st
         )
         return c.REASON_OOM, (
             f"{where.capitalize()} was killed for using more memory than spec.resources.{setting}={limit} allows. "
-            "Raise it, or lower training.batchSize or dataset.maxSeqLength, in a new TrainingRun (resources and "
-            "training are fixed once a run exists)."
+            f"Raise it, or lower training.batchSize or dataset.maxSeqLength, in {c.NEW_RUN}: resources and "
+            "training are fixed once a run exists."
         )
     attempts = len([p for p in job.failed_pods if not p.disrupted])
     last = ""
@@ -271,7 +359,7 @@ def failure(job: JobView, spec: api.TrainingRunSpec, component: str) -> tuple[st
         words = trainer_message(pod)
         last = f" The last attempt exited with code {pod.exit_code}" + (f": {words}" if words else ".")
     if component == c.PREPARE:
-        advice = f"See `kubectl logs job/{job.name}` and fix the cause in a new TrainingRun."
+        advice = f"See `kubectl logs job/{job.name}` and fix the cause in {c.NEW_RUN}."
     else:
         advice = (
             f"See `kubectl logs job/{job.name}`; fix the cause, then raise spec.maxRestarts{_while_kept(spec)}: "
@@ -286,18 +374,29 @@ def failure(job: JobView, spec: api.TrainingRunSpec, component: str) -> tuple[st
 
 def retry_due(obs: Observation) -> str | None:
     """Why a failed run goes again, or None: it failed on a limit (backoffLimit, activeDeadlineSeconds) that
-    the spec has since raised. The failed Job holds the limit it failed on."""
+    the spec has since raised. The failed Job holds the limit it failed on.
+
+    The Retrying status is written before the failed Job is deleted (were the Job gone and that write lost, the
+    run would stay Failed with nothing left to retry from). So a status that says Retrying beside a failed Job
+    means its deletion is still to do; the failure is read from the Job then. A replacement Job that fails has
+    the spec's limits, so it is no retry."""
     spec, train, prev = obs.spec, obs.train, obs.previous
-    if spec is None or train is None or train.failed_condition is None or prev.get("phase") != c.FAILED:
+    if spec is None or train is None or train.failed_condition is None:
+        return None
+    if prev.get("phase") == c.FAILED:
+        failed_on = prev.get("reason")
+    elif prev.get("reason") == c.REASON_RETRYING:
+        failed_on = failure(train, obs, c.TRAIN)[0]
+    else:
         return None
     why = train.failed_condition.get("reason")
     raised = spec.max_restarts > (train.backoff_limit or 0)
-    if prev.get("reason") == c.REASON_BACKOFF and why == "BackoffLimitExceeded" and raised:
+    if failed_on == c.REASON_BACKOFF and why == "BackoffLimitExceeded" and raised:
         return (
             f"spec.maxRestarts was raised from {train.backoff_limit} to {spec.max_restarts}: replacing the "
             "training Job; it resumes from the newest checkpoint."
         )
-    if prev.get("reason") == c.REASON_DEADLINE and why == "DeadlineExceeded":
+    if failed_on == c.REASON_DEADLINE and why == "DeadlineExceeded":
         new = spec.active_deadline_seconds
         if new is None or new > (train.active_deadline_seconds or 0):
             change = "removed" if new is None else f"raised from {train.active_deadline_seconds}s to {new}s"
@@ -319,17 +418,38 @@ def _image_pull(pod: PodView, now: datetime) -> tuple[bool, str] | None:
     detail = pod.waiting_message or pod.waiting_reason
     return given_up, (
         f"Cannot pull the trainer image ({detail}). Check spec.image (or the operator's trainer.image), that the "
-        "registry is reachable from the nodes, and imagePullSecrets."
+        "registry is reachable from the nodes, and imagePullSecrets. spec.image is fixed once a run exists: "
+        f"another image needs {c.NEW_RUN}."
     )
 
 
 def _scheduling(pod: PodView, component: str) -> str:
     advice = (
-        "free GPUs or wait; or change spec.resources (gpu, gpuType), nodeSelector or tolerations"
+        f"free GPUs or wait; or ask for other spec.resources (gpu, gpuType), nodeSelector or tolerations in {c.NEW_RUN}"
         if component == c.TRAIN
-        else "free capacity or lower spec.resources.prepareCpu/prepareMemory"
+        else f"free capacity; or ask for less spec.resources.prepareCpu/prepareMemory in {c.NEW_RUN}"
     )
     return f"Waiting for a node for the {component} pod: {(pod.unschedulable or '').rstrip('.')}. To go on: {advice}."
+
+
+def _create_failed(job: JobView, component: str, waiting_phase: str) -> Verdict:
+    """The Job controller cannot create the pod: its FailedCreate Event says why."""
+    said = (job.create_failure or "").rstrip(".")
+    head = f"The Job controller cannot create the {component} pod: {said}."
+    if "exceeded quota" in said:
+        return Verdict(
+            waiting_phase,
+            c.REASON_QUOTA,
+            f"{head} Free room in that ResourceQuota (other pods of the namespace hold it) or have it raised; the "
+            f"pod is created once it fits. Asking for less (spec.resources) needs {c.NEW_RUN}.",
+        )
+    return Verdict(
+        waiting_phase,
+        c.REASON_POD_CREATE_FAILED,
+        f"{head} Remove the cause it names (e.g. create the PriorityClass, or have the namespace's PodSecurity "
+        "level or admission webhook allow the pod); the pod is created once it can be. A change to the spec "
+        f"(priorityClassName, resources, ...) needs {c.NEW_RUN}.",
+    )
 
 
 # --------------------------------------------------------------------------- the derivation
@@ -371,8 +491,8 @@ def _container_config(pod: PodView, obs: Observation, component: str) -> str:
         return f"The {component} pod cannot start: {said}."
     wanted = "; ".join(f"{field}: {kind} {name}, key {key}" for field, kind, name, key in named)
     return (
-        f"The {component} pod cannot start: {said}. Create what it names in the run's namespace, or fix the "
-        f"reference ({wanted}); the pod starts once it exists."
+        f"The {component} pod cannot start: {said}. Create what it names in the run's namespace ({wanted}); the "
+        f"pod starts once it exists. The reference itself is fixed once a run exists: another one needs {c.NEW_RUN}."
     )
 
 
@@ -394,9 +514,11 @@ def _pending(pod: PodView, obs: Observation, component: str, waiting_phase: str)
 
 def _phase(obs: Observation) -> Verdict:
     prev = obs.previous
+    if (prev.get("phase") in c.TERMINAL or prev.get("reason") == c.REASON_RETRYING) and (
+        why := retry_due(obs)
+    ) is not None:
+        return Verdict(c.QUEUED, c.REASON_RETRYING, why, retry=True)
     if prev.get("phase") in c.TERMINAL:
-        if (why := retry_due(obs)) is not None:
-            return Verdict(c.QUEUED, c.REASON_RETRYING, why, retry=True)
         # Absorbing: a spec change (generation) or Jobs gone by their TTL change nothing.
         return Verdict(
             prev["phase"], prev.get("reason", ""), prev.get("message", ""), prev.get("reason") == c.REASON_IMAGE_PULL
@@ -420,12 +542,24 @@ def _phase(obs: Observation) -> Verdict:
     prepare = obs.prepare
     if not prepared(obs):
         if prepare is None:
+            if spec.suspend:  # nothing is made while it is suspended
+                return Verdict(c.SUSPENDED, c.REASON_SUSPENDED, c.MESSAGE_SUSPENDED_BEFORE_START)
             return Verdict(c.PENDING, c.REASON_CREATING, c.MESSAGE_CREATING)
         if prepare.failed_condition is not None:
-            return Verdict(c.FAILED, *failure(prepare, spec, c.PREPARE))
+            return Verdict(c.FAILED, *failure(prepare, obs, c.PREPARE))
+        if spec.suspend:  # the prepare Job is suspended: its pod is stopped
+            if prepare.live_pods:
+                return Verdict(c.SUSPENDED, c.REASON_SUSPENDING, c.MESSAGE_SUSPENDING_PREPARE)
+            return Verdict(c.SUSPENDED, c.REASON_SUSPENDED, c.MESSAGE_SUSPENDED_PREPARING)
         for pod in prepare.pending_pods:
             if (verdict := _pending(pod, obs, c.PREPARE, c.INITIALIZING)) is not None:
                 return verdict
+        if prepare.create_failure:
+            return _create_failed(prepare, c.PREPARE, c.INITIALIZING)
+        if obs.earlier_volume or prev.get("reason") == c.REASON_VOLUME_OF_EARLIER_RUN:
+            # Said while it prepares (the Event stays): what a different spec will meet at the training.
+            message = c.MESSAGE_VOLUME_OF_EARLIER_RUN.format(volume=obs.volume, run=obs.name)
+            return Verdict(c.INITIALIZING, c.REASON_VOLUME_OF_EARLIER_RUN, message)
         return Verdict(c.INITIALIZING, c.REASON_PREPARING, c.MESSAGE_PREPARING)
 
     train = obs.train
@@ -447,7 +581,7 @@ def _phase(obs: Observation) -> Verdict:
             return Verdict(c.QUEUED, c.REASON_STARTING, c.MESSAGE_RESTARTING_JOB)
         return Verdict(c.INITIALIZING, c.REASON_PREPARED, c.MESSAGE_PREPARED)
     if train.failed_condition is not None:
-        return Verdict(c.FAILED, *failure(train, spec, c.TRAIN))
+        return Verdict(c.FAILED, *failure(train, obs, c.TRAIN))
     if train.complete:
         return Verdict(c.SUCCEEDED, c.REASON_COMPLETED, c.MESSAGE_COMPLETED.format(volume=obs.volume, path=obs.output))
     if spec.suspend:
@@ -465,6 +599,8 @@ def _phase(obs: Observation) -> Verdict:
         return Verdict(c.RUNNING, c.REASON_TRAINING, message)
     if train.pending_pods:
         return Verdict(c.QUEUED, c.REASON_STARTING, c.MESSAGE_POD_STARTING)
+    if train.create_failure:
+        return _create_failed(train, c.TRAIN, c.QUEUED)
     if train.failed_pods:
         last = train.failed_pods[-1]
         words = "" if last.disrupted else trainer_message(last)
@@ -572,7 +708,7 @@ def _completion_time(obs: Observation, phase: str, now: str) -> str | None:
         if job is None:
             continue
         if phase == c.SUCCEEDED and job.complete:
-            return job.completion_time or _rfc3339(job.conditions["Complete"].get("lastTransitionTime")) or now
+            return job.completion_time or _rfc3339((job.complete_condition or {}).get("lastTransitionTime")) or now
         if phase == c.FAILED and job.failed_condition is not None:
             return _rfc3339(job.failed_condition.get("lastTransitionTime")) or now
     return now

@@ -134,6 +134,12 @@ def test_namespaced_mode_has_no_cluster_wide_rights():
         ({"replicas": 2}, "replicas"),
         ({"metrics": {"port": "eighty"}}, "/metrics/port"),
         ({"prometheusRule": {"stalledAfter": "15 minutes"}}, "stalledAfter"),
+        # A leading 0 (read as octal by sprig's `int`: "08m" was 0 seconds, a stall for every run) or zero.
+        ({"prometheusRule": {"stalledAfter": "08m"}}, "stalledAfter"),
+        ({"prometheusRule": {"pendingFor": "015m"}}, "pendingFor"),
+        ({"prometheusRule": {"queuedFor": "0h"}}, "queuedFor"),
+        ({"prometheusRule": {"reconcileErrorsFor": "0m"}}, "reconcileErrorsFor"),
+        ({"metrics": {"serviceMonitor": {"interval": "0s"}}}, "interval"),
         ({"watchNamespaces": ["Team_B"]}, "watchNamespaces"),
         ({"trainr": {"image": "x"}}, "trainr"),
     ],
@@ -169,3 +175,15 @@ def test_notes_send_the_first_run_to_a_watched_namespace():
     assert "kubectl describe trainingrun -n ml tiny-cpu" in lines
     commands = [line for line in lines if line.startswith("kubectl ") and "trainingrun" in line]
     assert all(" -n " in line for line in commands), commands
+
+
+def test_notes_say_where_the_pull_secrets_must_exist():
+    """Trainer pods name the secrets in their run's namespace; one that exists only beside the operator is
+    not found there, and a private image does not pull."""
+    assert not [line for line in notes({}) if "pull secret" in line.lower()]
+    lines = notes({"imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}]})
+    text = " ".join(lines)
+    assert "Image pull secrets: regcred, mirror." in text
+    assert f"must exist in every namespace where runs are created, not only in {NAMESPACE}." in text
+    text = " ".join(notes({"imagePullSecrets": [{"name": "regcred"}], "watchNamespaces": ["ml", "team-b"]}))
+    assert f"must exist in ml, team-b, not only in {NAMESPACE}." in text

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
+import helm_python
+import pytest
 import yaml
 
-from tests.helm import MONITORING_ON, rendered
+from tests.helm import CHART, MONITORING_ON, NAMESPACE, RELEASE, rendered
 
 HERE = Path(__file__).parent
 
@@ -39,3 +43,35 @@ def test_thresholds_come_from_the_values():
     assert "> 86400" in by_name["KubetuneRunQueuedTooLong"]["expr"]
     # Durations come from the status's timestamps; a `for:` would start over at each scrape gap.
     assert not {"for"} & (by_name["KubetuneRunPendingTooLong"].keys() | by_name["KubetuneRunQueuedTooLong"].keys())
+
+
+@pytest.mark.parametrize(
+    ("values", "alert", "seconds"),
+    [
+        ({"stalledAfter": "08m"}, "KubetuneRunStalled", 480),  # sprig's `int` reads "08" as octal: 0
+        ({"pendingFor": "015m"}, "KubetuneRunPendingTooLong", 900),  # ... and "015" as 13
+        ({"queuedFor": "010h"}, "KubetuneRunQueuedTooLong", 36000),
+        ({"stalledAfter": "90s"}, "KubetuneRunStalled", 90),
+    ],
+)
+def test_durations_are_read_as_decimal(values, alert, seconds, tmp_path):
+    """The schema refuses a leading 0 (tests/chart); the template reads one as decimal all the same, as it
+    must where the schema is skipped (helm --skip-schema-validation): the chart without its schema."""
+    chart = tmp_path / "kubetune"
+    shutil.copytree(CHART, chart)
+    (chart / "values.schema.json").unlink()
+    out = helm_python.Chart.load(str(chart)).render(
+        {**MONITORING_ON, "prometheusRule": {"enabled": True, **values}},
+        name=RELEASE,
+        namespace=NAMESPACE,
+        is_install=True,
+    )
+    (rules,) = [
+        doc
+        for path, text in out.items()
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc and doc["kind"] == "PrometheusRule"
+    ]
+    (expr,) = [r["expr"] for g in rules["spec"]["groups"] for r in g["rules"] if r["alert"] == alert]
+    assert re.search(r"> (\d+)\s*$", expr).group(1) == str(seconds), expr

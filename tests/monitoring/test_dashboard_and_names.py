@@ -139,6 +139,17 @@ def test_every_run_metric_is_on_the_dashboard():
     assert exported - unplotted <= shown, sorted(exported - unplotted - shown)
 
 
+def test_panels_with_a_unit_declare_it():
+    """Grafana shows a bare number otherwise: seconds as 3600, bytes as 1073741824."""
+    dash = json.loads(DASHBOARD.read_text())
+    units = {p["title"]: p.get("fieldConfig", {}).get("defaults", {}).get("unit") for p in dash["panels"]}
+    assert units["Tokens per second"] == "count:tokens/s"  # Grafana's custom count unit: 12.5 K tokens/s
+    assert units["ETA"] == units["Time in current phase"] == units["Reconcile duration p99"] == "s"
+    assert units["GPU memory (peak)"] == "bytes"
+    assert units["Progress"] == "percentunit"
+    assert units["Reconciles per second"] == "ops"
+
+
 def test_gauges_of_now_are_instant_queries():
     dash = json.loads(DASHBOARD.read_text())
     for panel in dash["panels"]:
@@ -165,12 +176,26 @@ def test_panels_show_one_line_per_run_and_fall_back_to_the_run_status(promtool, 
         f'kubetune_run_phase_transition_timestamp_seconds{{namespace="ml", run="b", {operator}}}': "60x5",
         f'kubetune_run_phase{{namespace="ml", run="b", phase="Queued", {operator}}}': "1x5",
         f'kubetune_run_phase{{namespace="ml", run="b", phase="Running", {operator}}}': "0x5",
+        # The ETA of Running runs only: a's from its trainer, d's from its status (no trainer series). b
+        # (Queued) and c (Suspended, its trainer still saving a checkpoint) keep their last estimate in the
+        # status, and c in its pod: neither is shown.
+        f'kubetune_run_phase{{namespace="ml", run="a", phase="Running", {operator}}}': "1x5",
+        f'kubetune_trainer_eta_seconds{{{trainer}, pod="a-train-2"}}': "600x5",
+        f'kubetune_run_eta_seconds{{namespace="ml", run="a", {operator}}}': "660x5",
+        f'kubetune_run_eta_seconds{{namespace="ml", run="b", {operator}}}': "900x5",
+        f'kubetune_run_phase{{namespace="ml", run="c", phase="Running", {operator}}}': "1 1 0x3",
+        f'kubetune_run_phase{{namespace="ml", run="c", phase="Suspended", {operator}}}': "0 0 1x3",
+        'kubetune_trainer_eta_seconds{namespace="ml", run="c", job="ml/trainers", pod="c-train-0"}': "300x5",
+        f'kubetune_run_eta_seconds{{namespace="ml", run="c", {operator}}}': "300x5",
+        f'kubetune_run_phase{{namespace="ml", run="d", phase="Running", {operator}}}': "1x5",
+        f'kubetune_run_eta_seconds{{namespace="ml", run="d", {operator}}}': "120x5",
     }
     run_a, run_b = '{namespace="ml", run="a"}', '{namespace="ml", run="b"}'
     cases = [
         (queries["Training loss"], [(run_a, 3.0), (run_b, 4.0)]),  # the trainer's value, one line for two pods
         (queries["Tokens per second"], [(run_a, 10.0), (run_b, 7.0)]),
         (queries["Time in current phase"], [('{namespace="ml", run="b", phase="Queued"}', 180.0)]),
+        (queries["ETA"], [(run_a, 600.0), ('{namespace="ml", run="d"}', 120.0)]),
     ]
     tests = {
         "rule_files": [],

@@ -92,6 +92,37 @@ RATIO = "kubetune_run_progress_ratio"
             SINCE,
             unix(40),
         ),
+        # Kueue admitted a run at 50 that still waits for GPUs: it is Queued since 12, not since its admission.
+        (
+            make_run(
+                "Queued",
+                conditions=[
+                    cond("Initialized", "True", 12),
+                    cond("Admitted", "True", 50),
+                    cond("Running", "False", 2),
+                    cond("Suspended", "False", 2),
+                ],
+            ),
+            SINCE,
+            unix(12),
+        ),
+        # ... and preempted (Admitted False, Running False at 90): Queued again since 90.
+        (
+            make_run(
+                "Queued",
+                conditions=[
+                    cond("Initialized", "True", 12),
+                    cond("Admitted", "False", 90),
+                    cond("Running", "False", 90),
+                ],
+            ),
+            SINCE,
+            unix(90),
+        ),
+        # Only Admitted changed since the creation (no other condition yet): the creation.
+        (make_run("Pending", conditions=[cond("Admitted", "False", 3)]), SINCE, unix(-5)),
+        # A condition type the operator does not set (another controller's) is no phase change either.
+        (make_run("Running", conditions=[cond("Running", "True", 40), cond("Ready", "True", 70)]), SINCE, unix(40)),
         # The ratio: steps over total; 1.0 once Succeeded, even when early stopping ended short of the total.
         (make_run(progress={"step": 5, "totalSteps": 20}), RATIO, 0.25),
         (make_run("Succeeded", progress={"step": 7, "totalSteps": 20}), RATIO, 1.0),

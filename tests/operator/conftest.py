@@ -135,6 +135,7 @@ class Operator:
             {
                 "KUBECONFIG": str(self.cluster.kubeconfig),
                 "KUBETUNE_RESYNC_SECONDS": "1",
+                "KUBETUNE_POD_CREATE_GRACE_SECONDS": "1",
                 "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test",
                 "KUBETUNE_METRICS_PORT": str(self.metrics_port),
             }

@@ -17,6 +17,10 @@ Running, e.g. across an operator restart) until `release`.
 It also plays Kueue for the queues a test opens (`open_queue`): a Job with the
 kueue.x-k8s.io/queue-name label of an open queue is admitted, and Kueue unsuspends any
 suspended Job whose workload is admitted, also one someone suspended again.
+
+And the namespace's ResourceQuota on extended resources (`set_quota`, e.g. requests.nvidia.com/gpu):
+a pod that would exceed it is refused, and the Job controller posts a FailedCreate Event on the Job,
+in the API server's words, and tries again.
 """
 
 from __future__ import annotations
@@ -57,11 +61,13 @@ class JobRunner:
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every container
     instant: bool = False  # pods succeed at once without running anything (for scale benchmarks)
     open_queues: set[str] = field(default_factory=set)  # Kueue LocalQueues that admit every workload
+    quota: dict[str, int] = field(default_factory=dict)  # hard limits of a ResourceQuota, e.g. requests.nvidia.com/gpu
     processes: dict[str, Process] = field(default_factory=dict)  # pod uid -> process
     _jobs: dict[str, asyncio.Task] = field(default_factory=dict)
     _pods: dict[str, asyncio.Task] = field(default_factory=dict)
     _wake: dict[str, asyncio.Event] = field(default_factory=dict)
     _counted: set[str] = field(default_factory=set)
+    _create_failed: set[str] = field(default_factory=set)  # uids of Jobs whose last pod creation was refused
 
     # ------------------------------------------------------------------ wiring
 
@@ -116,6 +122,20 @@ class JobRunner:
         def change() -> None:
             self.capacity[resource] = amount
             for uid in list(self._pods):
+                self._poke(uid)
+
+        self.server.call(change)
+
+    def set_quota(self, resource: str, hard: int | None) -> None:
+        """The namespace's ResourceQuota `gpu-quota` limits `resource` (requests.nvidia.com/gpu) to `hard`;
+        None removes the limit."""
+
+        def change() -> None:
+            if hard is None:
+                self.quota.pop(resource, None)
+            else:
+                self.quota[resource] = hard
+            for uid in list(self._jobs):
                 self._poke(uid)
 
         self.server.call(change)
@@ -222,6 +242,8 @@ class JobRunner:
             if ended is None and deadline and status.get("startTime") and not job["spec"].get("suspend"):
                 started = datetime.fromisoformat(status["startTime"].replace("Z", "+00:00"))
                 wait = max(0.05, deadline - (datetime.now(timezone.utc) - started).total_seconds())
+            if uid in self._create_failed:  # the Job controller retries a refused pod
+                wait = min(wait or 1.0, 1.0)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake[uid].wait(), wait)
 
@@ -321,15 +343,74 @@ class JobRunner:
             status.pop("startTime", None)  # a resumed Job's deadline counts from now, as in Kubernetes
 
         if not finished and not suspended_now and not active:
-            self._create_pod(job, pods)
-            active = [True]
             status.setdefault("startTime", now_iso())
+            if self._create_pod(job, pods):
+                active = [True]
 
         status["active"] = len([p for p in active if p is True or not p["metadata"].get("deletionTimestamp")])
         status["conditions"] = conditions
         self.server.update(jobs, ns, name, lambda o: {**o, "status": status}, "status")
 
-    def _create_pod(self, job: dict[str, Any], pods: Any) -> None:
+    def _over_quota(self, job: dict[str, Any], pods: Any, name: str) -> str | None:
+        """The API server's refusal of a pod that would exceed the quota, or None."""
+        if not self.quota:
+            return None
+        ns = job["metadata"]["namespace"]
+
+        def requests(pod_spec: dict[str, Any]) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for container in pod_spec.get("containers") or []:
+                for key, value in ((container.get("resources") or {}).get("requests") or {}).items():
+                    if "/" in key:
+                        out[f"requests.{key}"] = out.get(f"requests.{key}", 0) + int(value)
+            return out
+
+        wanted = requests(job["spec"]["template"]["spec"])
+        used: dict[str, int] = {}
+        for pod in self.server.list(pods, ns):
+            if pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
+                for key, value in requests(pod["spec"]).items():
+                    used[key] = used.get(key, 0) + value
+        for key, hard in self.quota.items():
+            if key in wanted and used.get(key, 0) + wanted[key] > hard:
+                return (
+                    f'pods "{name}" is forbidden: exceeded quota: gpu-quota, requested: {key}={wanted[key]}, '
+                    f"used: {key}={used.get(key, 0)}, limited: {key}={hard}"
+                )
+        return None
+
+    def _failed_create(self, job: dict[str, Any], message: str) -> None:
+        """The Job controller's Event for a pod it could not create (aggregated: one Event, counted)."""
+        meta = job["metadata"]
+        events = self.server.resource("", "events")
+        found = self.server.list(
+            events, meta["namespace"], fields=f"involvedObject.uid={meta['uid']},reason=FailedCreate"
+        )
+        text = f"Error creating: {message}"
+        if found and found[-1].get("message") == text:
+            counted = lambda o: {**o, "count": o.get("count", 1) + 1, "lastTimestamp": now_iso()}  # noqa: E731
+            self.server.update(events, meta["namespace"], found[-1]["metadata"]["name"], counted)
+            return
+        involved = {"kind": "Job", "apiVersion": "batch/v1", "namespace": meta["namespace"], "name": meta["name"]}
+        self.server.create(
+            events,
+            meta["namespace"],
+            {
+                "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}"},
+                "involvedObject": {**involved, "uid": meta["uid"], "resourceVersion": meta["resourceVersion"]},
+                "reason": "FailedCreate",
+                "type": "Warning",
+                "message": text,
+                "count": 1,
+                "firstTimestamp": now_iso(),
+                "lastTimestamp": now_iso(),
+                "source": {"component": "job-controller"},
+                "reportingComponent": "job-controller",
+            },
+        )
+
+    def _create_pod(self, job: dict[str, Any], pods: Any) -> bool:
+        """Create the Job's next pod; False when the API server refuses it (a FailedCreate Event says why)."""
         template = job["spec"]["template"]
         meta = job["metadata"]
         pod = {
@@ -355,6 +436,11 @@ class JobRunner:
             },
             "spec": template["spec"],
         }
+        if (refused := self._over_quota(job, pods, pod["metadata"]["name"])) is not None:
+            self._failed_create(job, refused)
+            self._create_failed.add(meta["uid"])  # tried again soon, as the Job controller does with backoff
+            return False
+        self._create_failed.discard(meta["uid"])
         created = self.server.create(pods, meta["namespace"], pod)
         self.server.update(
             pods,
@@ -363,6 +449,7 @@ class JobRunner:
             lambda o: {**o, "status": {"phase": "Pending", "conditions": []}},
             "status",
         )
+        return True
 
     # ------------------------------------------------------------------ the kubelet
 

@@ -57,6 +57,62 @@ def test_schema_is_structural():
             assert "default" not in node or node["default"] is not None, path
 
 
+# Spec fields where null is a value of its own: it turns off what their (non-null) default turns on.
+NULL_TURNS_OFF = {
+    ".dataset.preparedDir",
+    ".evaluation.maxGenerationSamples",
+    ".checkpoints.everyMinutes",
+    ".reporting.metricsPort",
+}
+
+
+def prune_nulls(obj: Any, schema: dict[str, Any]) -> Any:
+    """What the API server does before defaulting and validation: drop each null where the schema is not
+    nullable (there it means unset)."""
+    if isinstance(obj, dict) and "properties" in schema:
+        props = schema["properties"]
+        return {
+            k: prune_nulls(v, props.get(k, {}))
+            for k, v in obj.items()
+            if v is not None or props.get(k, {}).get("nullable")
+        }
+    if isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        return [prune_nulls(v, schema["items"]) for v in obj]
+    return obj
+
+
+def test_in_the_spec_null_means_unset_except_where_it_turns_off_a_default():
+    nullable = {path for path, node in walk(SPEC_SCHEMA) if node.get("nullable")}
+    assert nullable == NULL_TURNS_OFF
+    for path in nullable:
+        default = at(SPEC_SCHEMA, path.lstrip("."))["default"]
+        assert default is not None, path
+    # The status keeps its nulls: the trainer writes null for a loss that is not finite.
+    assert STATUS_SCHEMA["properties"]["reason"].get("nullable") is True
+
+
+def test_an_explicit_null_is_accepted_as_unset():
+    """A null on a nullable enum is refused by the API server (null is not one of the values): a manifest
+    that writes `imagePullPolicy: null` or a toleration's `effect: null` (Helm templates, generators do) must
+    apply. Not nullable, the null is pruned first."""
+    import jsonschema
+
+    spec = {
+        **VALID,
+        "imagePullPolicy": None,
+        "image": None,
+        "queueName": None,
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": None, "value": None}],
+        "reporting": {"metricsPort": None},
+    }
+    stored = prune_nulls(spec, SPEC_SCHEMA)
+    assert "imagePullPolicy" not in stored and stored["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert stored["reporting"] == {"metricsPort": None}, "null still turns the metrics off"
+    # OpenAPI 3.0 keywords are draft 4's, but for nullable (metricsPort's, checked above).
+    jsonschema.Draft4Validator(SPEC_SCHEMA).validate({k: v for k, v in stored.items() if k != "reporting"})
+    assert api.TrainingRunSpec.model_validate(stored).reporting.metrics_port is None
+
+
 def test_every_spec_field_is_documented():
     undocumented = [p for p, n in walk(SPEC_SCHEMA) if p and not p.endswith(("[]", "{}")) and not n.get("description")]
     assert undocumented == []

@@ -8,6 +8,7 @@ import copy
 import itertools
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,9 @@ class Run:
     def status(self) -> dict[str, Any]:
         return self.body().get("status") or {}
 
-    def reconcile(self, body: dict[str, Any] | None = None) -> handlers.Derived:
+    def reconcile(self, body: dict[str, Any] | None = None, settings: OperatorSettings = SETTINGS) -> handlers.Derived:
         return reconcile(
-            self.kube, SETTINGS, body or self.body(), self.memory, lambda _, **event: self.events.append(event)
+            self.kube, settings, body or self.body(), self.memory, lambda _, **event: self.events.append(event)
         )
 
     def patch_spec(self, **spec: Any) -> None:
@@ -264,6 +265,171 @@ def test_raising_max_restarts_on_a_run_that_failed_on_it_replaces_the_training_j
     assert run.reconcile().phase == c.RUNNING
     assert run.status["restarts"] == 2, "the new Job replaced the final failure"
     assert [e["reason"] for e in run.events][-3:] == [c.REASON_RETRYING, "Starting", "Training"]
+
+
+def failed_on_its_limit(server: ApiServer, kube: Kube) -> Run:
+    """A run whose training Job failed with BackoffLimitExceeded, maxRestarts since raised from 1 to 3."""
+    run = Run(server, kube, maxRestarts=1)
+    run.reconcile()
+    run.finish(c.PREPARE)
+    run.reconcile()
+    run.finish(c.TRAIN, "Failed", "BackoffLimitExceeded", pods=2)
+    assert run.reconcile().phase == c.FAILED
+    run.patch_spec(maxRestarts=3)
+    return run
+
+
+def test_a_retry_is_not_lost_when_its_status_write_fails(server, kube):
+    """The failed Job once went first: were the Retrying status then lost (a 5xx, an operator restart), the
+    run stayed Failed for good, with no failed Job left to retry from."""
+    run = failed_on_its_limit(server, kube)
+    server.call(lambda: server.fail("PATCH", rf"/trainingruns/{run.name}/status$", status=503, times=1))
+    with pytest.raises(ApiException):
+        run.reconcile()
+    assert run.status["phase"] == c.FAILED and run.job(c.TRAIN) is not None, "nothing done: kopf retries"
+    assert run.reconcile().summary == (c.QUEUED, c.REASON_RETRYING)
+    assert run.job(c.TRAIN) is None
+    run.reconcile()
+    assert run.job(c.TRAIN)["spec"]["backoffLimit"] == 3, "the replacement"
+
+
+def test_a_retry_whose_job_deletion_is_lost_deletes_it_after_an_operator_restart(server, kube):
+    run = failed_on_its_limit(server, kube)
+    server.call(lambda: server.fail("DELETE", rf"/jobs/{run.name}-train$", status=500, times=1))
+    with pytest.raises(ApiException):
+        run.reconcile()
+    assert (run.status["phase"], run.status["reason"]) == (c.QUEUED, c.REASON_RETRYING), "said first"
+    assert run.job(c.TRAIN)["status"]["conditions"][0]["type"] == "Failed", "the failed Job is still there"
+    run.memory = RunMemory()  # the operator restarts: what it knows comes from the run's status
+    assert run.reconcile().summary == (c.QUEUED, c.REASON_RETRYING)
+    assert run.job(c.TRAIN) is None
+    run.reconcile()
+    assert run.job(c.TRAIN)["spec"]["backoffLimit"] == 3
+    reasons = [e["reason"] for e in run.events]
+    assert reasons[reasons.index(c.REASON_BACKOFF) :] == [c.REASON_BACKOFF, c.REASON_RETRYING, "Starting"], (
+        "no Failed between"
+    )
+
+
+def test_a_run_created_suspended_makes_nothing_until_it_is_resumed(server, kube):
+    run = Run(server, kube, suspend=True)
+    for _ in range(2):
+        derived = run.reconcile()
+        assert derived.summary == (c.SUSPENDED, c.REASON_SUSPENDED)
+        assert "nothing is created" in derived.message
+    assert run.made("POST", r"") == [], "no Job, no volume, nothing"
+    run.patch_spec(suspend=False)
+    assert run.reconcile().summary == (c.INITIALIZING, c.REASON_PREPARING)
+    assert run.job(c.PREPARE)["spec"].get("suspend") is not True
+
+
+def test_suspending_while_preparing_suspends_the_prepare_job_and_resuming_goes_on(server, kube):
+    run = Run(server, kube)
+    run.reconcile()
+    run.pod(c.PREPARE)
+    run.patch_spec(suspend=True)
+    assert run.reconcile().summary == (c.SUSPENDED, c.REASON_SUSPENDING)
+    assert run.job(c.PREPARE)["spec"]["suspend"] is True
+    # The Job controller's part: a suspended Job's pods are deleted; the kubelet stops them.
+    for pod in run.pods():
+        server.call(lambda pod=pod: server.delete(server.resource(*PODS), NS, pod["metadata"]["name"], graceful=True))
+    run.stop_pods(exit_code=1)
+    assert run.reconcile().summary == (c.SUSPENDED, c.REASON_SUSPENDED)
+    assert run.job(c.TRAIN) is None
+    run.patch_spec(suspend=False)
+    assert run.reconcile().summary == (c.INITIALIZING, c.REASON_PREPARING)
+    assert run.job(c.PREPARE)["spec"]["suspend"] is False
+    run.finish(c.PREPARE)
+    run.reconcile()
+    assert run.job(c.TRAIN) is not None
+    assert [e["reason"] for e in run.events][:4] == ["Preparing", c.REASON_SUSPENDING, c.REASON_SUSPENDED, "Preparing"]
+
+
+def failed_create(server: ApiServer, job: dict[str, Any], message: str, count: int = 1) -> None:
+    """What the Job controller posts when the API server refuses its pod."""
+    meta = job["metadata"]
+    event = {
+        "metadata": {"name": f"{meta['name']}.{next(_names)}", "namespace": NS},
+        "involvedObject": {
+            "kind": "Job",
+            "apiVersion": "batch/v1",
+            "name": meta["name"],
+            "namespace": NS,
+            "uid": meta["uid"],
+        },
+        "reason": c.EVENT_FAILED_CREATE,
+        "type": "Warning",
+        "message": message,
+        "count": count,
+        "firstTimestamp": now_iso(),
+        "lastTimestamp": now_iso(),
+        "source": {"component": "job-controller"},
+    }
+    server.call(lambda: server.create(server.resource("", "events"), NS, event))
+
+
+QUOTA = (
+    'Error creating: pods "{pod}" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1, '
+    "used: requests.nvidia.com/gpu=8, limited: requests.nvidia.com/gpu=8"
+)
+
+
+def test_a_pod_the_job_controller_cannot_create_is_explained_from_its_failed_create_event(server, kube):
+    run = Run(server, kube)
+    run.reconcile()
+    run.finish(c.PREPARE)
+    run.reconcile()
+    train = run.job(c.TRAIN)
+    other = Run(server, kube)  # another run's Job, and an Event of it, are not this one's
+    other.reconcile()
+    failed_create(server, other.job(c.PREPARE), "Error creating: somebody else's", count=9)
+    failed_create(server, train, QUOTA.format(pod=f"{run.name}-train-abcde"))
+    assert run.reconcile().summary == (c.QUEUED, c.REASON_STARTING), "within the grace: no Event is read"
+    assert not run.made("GET", r"/events$")
+    now = replace(SETTINGS, pod_create_grace_seconds=0)  # the grace has passed
+    derived = run.reconcile(settings=now)
+    assert derived.summary == (c.QUEUED, c.REASON_QUOTA)
+    assert f'pods "{run.name}-train-abcde" is forbidden: exceeded quota: gpu-quota' in derived.message
+    assert "Free room in that ResourceQuota" in derived.message
+    assert server.made(USER, "GET", r"/namespaces/ml/events$"), "read once the grace has passed"
+    assert run.reconcile(settings=now).summary == (c.QUEUED, c.REASON_QUOTA)
+    assert [(e["type"], e["reason"]) for e in run.events].count(("Warning", c.REASON_QUOTA)) == 1, "said once"
+    run.pod(c.TRAIN)  # the quota has room: the pod is made
+    before = len(server.made(USER, "GET", r"/events$"))
+    assert run.reconcile(settings=now).summary == (c.RUNNING, c.REASON_TRAINING)
+    assert len(server.made(USER, "GET", r"/events$")) == before, "a Job with its pod costs no Event read"
+
+
+def test_a_run_applied_again_under_its_name_says_its_volume_is_the_earlier_runs(server, kube):
+    run = Run(server, kube)
+    claim = {
+        "metadata": {
+            "name": f"{run.name}-workspace",
+            "labels": {c.LABEL_RUN: run.name},
+            "annotations": {c.ANNOTATION_RUN_UID: "uid-of-the-deleted-run"},
+        },
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    server.call(lambda: server.create(server.resource("", "persistentvolumeclaims"), NS, claim))
+    derived = run.reconcile()
+    assert derived.summary == (c.INITIALIZING, c.REASON_VOLUME_OF_EARLIER_RUN)
+    assert f"Volume {run.name}-workspace existed before this run" in derived.message
+    assert run.job(c.PREPARE) is not None, "it goes on, on the kept volume"
+    assert [(e["type"], e["reason"]) for e in run.events] == [("Normal", c.REASON_VOLUME_OF_EARLIER_RUN)]
+    run.pod(c.PREPARE)
+    assert run.reconcile().reason == c.REASON_VOLUME_OF_EARLIER_RUN, "said while it prepares"
+    run.finish(c.PREPARE)
+    assert run.reconcile().summary == (c.QUEUED, c.REASON_STARTING)
+
+
+def test_a_runs_own_volume_found_again_is_its_own(server, kube):
+    run = Run(server, kube)
+    run.reconcile()
+    claim = server.call(lambda: server.get(server.resource("", "persistentvolumeclaims"), NS, f"{run.name}-workspace"))
+    assert claim["metadata"]["annotations"] == {c.ANNOTATION_RUN_UID: run.body()["metadata"]["uid"]}
+    server.call(lambda: server.delete(server.resource(*JOBS), NS, f"{run.name}-prepare"))  # before it finished
+    assert run.reconcile().summary == (c.INITIALIZING, c.REASON_PREPARING)
+    assert run.made("GET", rf"/persistentvolumeclaims/{run.name}-workspace$"), "the 409 was looked into"
 
 
 def test_a_kueue_run_is_suspended_by_deleting_its_job_and_queued_again_on_resume(server, kube):
@@ -478,7 +644,8 @@ def test_a_run_applied_again_under_its_name_starts_afresh_when_the_operator_miss
     server.call(lambda: server.delete(server.resource(*RUNS), NS, old.name))  # remember_run never hears of it
     new = Run(server, kube, name=old.name)
     on_run(new, memo)
-    assert (new.status["phase"], new.status["reason"]) == (c.INITIALIZING, c.REASON_PREPARING)
+    # Its own status; the volume the old run kept is the one thing it shares, and it says so.
+    assert (new.status["phase"], new.status["reason"]) == (c.INITIALIZING, c.REASON_VOLUME_OF_EARLIER_RUN)
     assert new.job(c.PREPARE)["metadata"]["ownerReferences"][0]["uid"] == new.body()["metadata"]["uid"]
 
 
@@ -498,3 +665,55 @@ def test_a_run_waiting_on_a_full_quota_is_counted_as_waiting_not_as_an_operator_
         assert count("kubetune_operator_reconciles_total", {"trigger": trigger, "result": "error"}) is None
     on_run(run, memo)  # the quota has room again
     assert run.status["phase"] == c.INITIALIZING
+
+
+# --------------------------------------------------------------------------- a stale body, through the handlers
+
+
+def test_a_job_event_acts_on_the_newest_spec_not_the_one_it_took_before_waiting_for_the_lock(server, kube, memo):
+    """on_job takes the run's body, then waits for the run's lock, held by the pass of a spec update that suspends
+    the run: once it has the lock, acting on the body it took would unsuspend the Job just suspended."""
+    run = Run(server, kube)
+    for step in (lambda: None, lambda: run.finish(c.PREPARE), lambda: run.pod(c.TRAIN)):
+        step()
+        on_run(run, memo)
+    assert run.status["phase"] == c.RUNNING
+    key = (NS, run.name)
+    lock = memo.runs.lock(key)
+
+    class HeldBySpecUpdate:
+        """The run's lock, as the Job event's pass finds it: held by the pass of `suspend: true`, which ends first."""
+
+        def __init__(self) -> None:
+            self.updated = False
+
+        def __enter__(self) -> None:
+            if not self.updated:
+                self.updated = True
+                run.patch_spec(suspend=True)
+                on_run(run, memo)
+            lock.acquire()
+
+        def __exit__(self, *_: Any) -> None:
+            lock.release()
+
+    memo.runs._locks[key] = HeldBySpecUpdate()
+    job = run.job(c.TRAIN)
+    handlers.on_job(namespace=NS, name=job["metadata"]["name"], labels=job["metadata"]["labels"], meta={}, memo=memo)
+    assert run.job(c.TRAIN)["spec"]["suspend"] is True, "not unsuspended by a pass on the older spec"
+    assert run.status["phase"] == c.SUSPENDED
+
+
+def test_a_resync_acts_on_the_newest_spec_not_the_one_its_sweep_started_with(server, kube, memo):
+    run = Run(server, kube)
+    for step in (lambda: None, lambda: run.finish(c.PREPARE), lambda: run.pod(c.TRAIN)):
+        step()
+        on_run(run, memo)
+    swept = copy.deepcopy(memo.runs.bodies[(NS, run.name)])  # the sweep's list, taken before the update
+    run.patch_spec(maxRestarts=7)
+    on_run(run, memo)
+    assert run.job(c.TRAIN)["spec"]["backoffLimit"] == 7
+    handlers._reconcile_locked(memo, swept, "resync")
+    assert run.job(c.TRAIN)["spec"]["backoffLimit"] == 7, "not put back to the older spec's 3"
+    memo.runs.forget((NS, run.name))  # deleted meanwhile: nothing to do
+    assert handlers._reconcile_locked(memo, swept, "resync") is None

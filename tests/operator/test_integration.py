@@ -485,6 +485,35 @@ def test_a_new_run_of_a_deleted_runs_name_waits_for_the_old_children_then_delete
     wait_for(lambda: cluster.children("jobs", "again", "batch") == [], 30, "the Jobs to go")
 
 
+def test_a_pod_a_resource_quota_refuses_is_explained_until_the_quota_has_room(cluster, operator, seed):
+    """The Job controller cannot create the training pod (the namespace's GPU quota is spent): only the Job's
+    FailedCreate Events say so, and the run's status says it in their words."""
+    seed(cluster.workspace("quota"))
+    cluster.runner.set_quota("requests.nvidia.com/gpu", 0)
+    try:
+        cluster.apply_run("quota", tiny_spec(**{"resources.gpu": 1}))
+        status = wait_for(
+            lambda: cluster.status("quota") if cluster.status("quota").get("reason") == "QuotaExceeded" else None,
+            120,
+            "Queued/QuotaExceeded",
+        )
+        assert status["phase"] == "Queued"
+        assert 'Error creating: pods "quota-train-' in status["message"]
+        assert "exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1" in status["message"]
+        assert "Free room in that ResourceQuota" in status["message"]
+        assert cluster.pods("quota-train") == []
+        warned = wait_for(
+            lambda: [e for e in cluster.events("quota") if e["reason"] == "QuotaExceeded"], 30, "the Warning Event"
+        )
+        assert [e["type"] for e in warned] == ["Warning"]
+        cluster.runner.set_quota("requests.nvidia.com/gpu", 1)  # room again: the pod is made, and waits for a GPU
+        wait_for(lambda: cluster.status("quota").get("reason") == "Unschedulable", 60, "the pod to be created")
+    finally:
+        cluster.runner.set_quota("requests.nvidia.com/gpu", None)
+        cluster.delete_run("quota")
+    wait_for(lambda: cluster.pods("quota-train") == [], 30, "the pod to go")
+
+
 # --------------------------------------------------------------------------- RBAC, from the calls made above
 
 

@@ -94,6 +94,7 @@ def test_every_child_but_the_volume_goes_with_the_run():
         owners = m["metadata"].get("ownerReferences", [])
         if m["kind"] == "PersistentVolumeClaim":
             assert owners == [], "the adapter's volume outlives the run unless asked"
+            assert m["metadata"]["annotations"] == {c.ANNOTATION_RUN_UID: RUN.uid}, "a later run can tell"
         else:
             assert owners == [RUN.owner_reference()]
         assert m["metadata"]["labels"][c.LABEL_RUN] == RUN.name
@@ -165,7 +166,7 @@ def test_training_job_retries_only_what_a_retry_can_fix():
     spec, manifests = build("defaults")
     job = by_kind(manifests)["my-run-train"]["spec"]
     assert job["backoffLimit"] == spec.max_restarts
-    fail, ignore = job["podFailurePolicy"]["rules"]
+    ignore, fail = job["podFailurePolicy"]["rules"]  # the first rule a failed pod matches decides
     assert fail == {
         "action": "FailJob",
         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 4, 5, 6]},
@@ -176,10 +177,26 @@ def test_training_job_retries_only_what_a_retry_can_fix():
     assert job["suspend"] is False
 
 
+@pytest.mark.parametrize("code", [*sorted(c.FAILJOB_EXIT_CODES), 1, c.EXIT_SIGTERM])
+def test_an_evicted_pod_is_ignored_whatever_it_exited_with(code):
+    """A pod evicted (DisruptionTarget) while the trainer stops may exit 2-6; it is not the trainer's failure."""
+    from tests.operator.jobrunner import _policy_action
+
+    policy = by_kind(build("defaults")[1])["my-run-train"]["spec"]["podFailurePolicy"]
+    terminated = {"name": c.CONTAINER, "state": {"terminated": {"exitCode": code}}}
+    evicted = {"conditions": [{"type": "DisruptionTarget", "status": "True"}], "containerStatuses": [terminated]}
+    assert _policy_action(policy, {"status": evicted})[0] == "Ignore"
+    crashed = {"containerStatuses": [terminated]}
+    assert _policy_action(policy, {"status": crashed})[0] == ("FailJob" if code in c.FAILJOB_EXIT_CODES else "Count")
+
+
 def test_pods_run_locked_down():
     pod = by_kind(build("defaults")[1])["my-run-train"]["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    # The volume's files get the trainer's group once, not again at every pod start (a model cache: minutes).
+    assert pod["securityContext"]["fsGroup"] == c.TRAINER_UID
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     container = pod["containers"][0]
     assert container["securityContext"] == {
         "allowPrivilegeEscalation": False,

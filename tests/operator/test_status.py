@@ -11,7 +11,15 @@ import pytest
 
 from kubetune_operator import api
 from kubetune_operator import constants as c
-from kubetune_operator.status import JobView, Observation, PodLedger, PodView, derive
+from kubetune_operator.status import (
+    JobView,
+    Observation,
+    PodLedger,
+    PodView,
+    awaits_pod,
+    derive,
+    pod_create_failure,
+)
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 SPEC = {"model": {"nameOrPath": "m"}, "dataset": {"path": "d.jsonl"}}
@@ -133,6 +141,34 @@ def trainer_says(reason: str, message: str) -> str:
     return json.dumps({"reason": reason, "message": message})
 
 
+def train_failed(code: int, message: str, reason: str = "PodFailurePolicy", condition: str = "Failed") -> JobView:
+    """A training Job that failed on its pod's exit code (a FailJob rule)."""
+    words = trainer_says(c.FAILJOB_EXIT_CODES[code], message)
+    return job("r-train", pod("Failed", exit_code=code, message=words), condition=condition, condition_reason=reason)
+
+
+# The trainer's own words (kubetune_trainer.train), which status.py recognises by c.EARLIER_RUN_TEXTS.
+EARLIER_CHECKPOINTS = (
+    "checkpoints.dir=checkpoints holds checkpoints of a different run (model settings differ from checkpoint-40). "
+    "Use another checkpoints.dir for this config, or restore those settings to resume that run."
+)
+EARLIER_ADAPTER = (
+    "output.dir: output already holds the adapter of another run (its config.yaml differs from this one). Choose "
+    "another output.dir (--set output.dir=...) or move that run away first."
+)
+VOLUME_FULL = train_failed(
+    5,
+    "checkpoints.dir=checkpoints: the volume is full while saving step 40 (No space left on device; 3 MiB free). "
+    "checkpoint-30 and older checkpoints are intact. Free space, lower checkpoints.keep, or enlarge the volume, "
+    "then run again to resume.",
+)
+QUOTA = (
+    'Error creating: pods "r-train-x7k2p" is forbidden: exceeded quota: gpu-quota, requested: '
+    "requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=8, limited: requests.nvidia.com/gpu=8"
+)
+NO_PRIORITY_CLASS = 'Error creating: pods "r-prepare-a1b2c" is forbidden: no PriorityClass with name high was found'
+
+
 CASES = {
     "nothing yet": (observe(), c.PENDING, "Creating", "Creating the run's volume"),
     "preparing": (observe(job("r-prepare", pod("Running"))), c.INITIALIZING, "Preparing", "tokenizing the data"),
@@ -150,7 +186,9 @@ CASES = {
         ),
         c.QUEUED,
         c.REASON_UNSCHEDULABLE,
-        "4 Insufficient nvidia.com/gpu. To go on: free GPUs or wait",
+        "4 Insufficient nvidia.com/gpu. To go on: free GPUs or wait; or ask for other spec.resources (gpu, gpuType), "
+        "nodeSelector or tolerations in a new TrainingRun (delete this one and apply it again, or apply it under "
+        "another name).",
     ),
     "waiting for Kueue": (
         observe(PREPARED, job("r-train", suspended=True), spec=make_spec(queueName="gpu-queue")),
@@ -168,7 +206,7 @@ CASES = {
         observe(PREPARED, job("r-train", pod("Pending", waiting="ImagePullBackOff", age=600))),
         c.FAILED,
         c.REASON_IMAGE_PULL,
-        "Cannot pull the trainer image",
+        "spec.image is fixed once a run exists: another image needs a new TrainingRun",
     ),
     # The grace counts from the pod's binding to a node: a GPU pod that waited long for one is not failed
     # on its first, maybe transient, pull error.
@@ -279,21 +317,58 @@ CASES = {
         ),
         c.FAILED,
         "Diverged",
-        "Lower training.learningRate",
+        "Lower training.learningRate This run stays failed, and its spec is fixed: make the change in a new "
+        "TrainingRun",
     ),
+    # The trainer's words are for a local run ("run again to resume"); a failed TrainingRun stays failed.
     "volume full (exit 5)": (
-        observe(
-            PREPARED,
-            job(
-                "r-train",
-                pod("Failed", exit_code=5, message=trainer_says("VolumeFull", "full")),
-                condition="Failed",
-                condition_reason="PodFailurePolicy",
-            ),
-        ),
+        observe(PREPARED, VOLUME_FULL),
         c.FAILED,
         "VolumeFull",
-        "full",
+        "then run again to resume. This run stays failed; its files are kept in volume r-workspace. To go on: "
+        "enlarge it (if its storage class allows) or free space on it, then delete this run and apply it again "
+        "under the same name: it goes on from the files there",
+    ),
+    "volume full (exit 5), the volume goes with the run": (
+        observe(PREPARED, VOLUME_FULL, spec=make_spec(storage={"deleteWithRun": True})),
+        c.FAILED,
+        "VolumeFull",
+        "its volume goes when it is deleted (storage.deleteWithRun): apply it again with a larger storage.size",
+    ),
+    "volume full (exit 5) on a shared claim": (
+        observe(PREPARED, VOLUME_FULL, spec=make_spec(storage={"existingClaim": "team"})),
+        c.FAILED,
+        "VolumeFull",
+        "its files are kept in runs/r/ on claim r-workspace. To go on: free space on it or have it enlarged",
+    ),
+    # A run applied again under a deleted run's name, with another model: its kept volume holds the old run's
+    # checkpoints. The trainer says to use another checkpoints.dir, which a TrainingRun cannot change.
+    "the kept volume holds an earlier run's checkpoints": (
+        observe(PREPARED, train_failed(2, EARLIER_CHECKPOINTS)),
+        c.FAILED,
+        c.REASON_INVALID_SPEC,
+        "Volume r-workspace was kept from an earlier TrainingRun named r, and the spec (checkpoints.dir, output.dir) "
+        "is fixed. Apply this spec under another name, or delete this run and PersistentVolumeClaim r-workspace "
+        "(kubectl delete trainingrun r; kubectl delete pvc r-workspace) and apply it again",
+    ),
+    "the kept volume holds an earlier run's adapter": (
+        observe(PREPARED, train_failed(2, EARLIER_ADAPTER)),
+        c.FAILED,
+        c.REASON_INVALID_SPEC,
+        "delete this run and PersistentVolumeClaim r-workspace",
+    ),
+    "a shared claim holds an earlier run's checkpoints in the run's folder": (
+        observe(PREPARED, train_failed(2, EARLIER_CHECKPOINTS), spec=make_spec(storage={"existingClaim": "team"})),
+        c.FAILED,
+        c.REASON_INVALID_SPEC,
+        "Apply this spec under another name, or delete this run, remove runs/r/ from the claim and apply it again",
+    ),
+    "a trainer config error: fixed in a new run": (
+        observe(PREPARED, train_failed(2, "dataset.path: file not found: data/x.jsonl")),
+        c.FAILED,
+        c.REASON_INVALID_SPEC,
+        "file not found: data/x.jsonl This run stays failed, and its spec is fixed: make the change in a new "
+        "TrainingRun",
     ),
     "GPU out of memory (exit 6)": (
         observe(
@@ -363,8 +438,9 @@ CASES = {
         ),
         c.QUEUED,
         c.REASON_CONTAINER_CONFIG,
-        'secret "hf" not found. Create what it names in the run\'s namespace, or fix the reference '
-        "(spec.hfTokenSecret: Secret hf, key token)",
+        'secret "hf" not found. Create what it names in the run\'s namespace (spec.hfTokenSecret: Secret hf, key '
+        "token); the pod starts once it exists. The reference itself is fixed once a run exists: another one needs "
+        "a new TrainingRun",
     ),
     "a ConfigMap key of env is missing": (
         observe(
@@ -479,6 +555,101 @@ CASES = {
         c.REASON_INVALID_SPEC,
         "spec.maxRestarts: bad. The run is stopped (its Jobs suspended, its checkpoints kept). This can be undone",
     ),
+    # Kubernetes 1.31+: FailureTarget / SuccessCriteriaMet come first, Failed / Complete once the pods are gone.
+    "the Job failed (FailureTarget), its pods still stopping": (
+        observe(
+            PREPARED,
+            train_failed(
+                3, "Preflight failed: gpu.cuda: 1 GPU(s) requested but CUDA sees none", condition="FailureTarget"
+            ),
+        ),
+        c.FAILED,
+        "PreflightFailed",
+        "gpu.cuda: 1 GPU(s) requested",
+    ),
+    "the Job ran past its deadline (FailureTarget)": (
+        observe(
+            PREPARED,
+            job(
+                "r-train",
+                pod("Running", deleting=True),
+                condition="FailureTarget",
+                condition_reason="DeadlineExceeded",
+                spec={"activeDeadlineSeconds": 3600},
+            ),
+            spec=make_spec(activeDeadlineSeconds=3600),
+        ),
+        c.FAILED,
+        c.REASON_DEADLINE,
+        "spec.activeDeadlineSeconds=3600",
+    ),
+    "the Job succeeded (SuccessCriteriaMet)": (
+        observe(
+            PREPARED,
+            job("r-train", pod("Succeeded", exit_code=0, reason="Completed"), condition="SuccessCriteriaMet"),
+        ),
+        c.SUCCEEDED,
+        "Completed",
+        "on volume r-workspace",
+    ),
+    "created suspended: nothing is made": (
+        observe(spec=make_spec(suspend=True)),
+        c.SUSPENDED,
+        c.REASON_SUSPENDED,
+        "nothing is created until spec.suspend is false",
+    ),
+    "suspended while preparing, its pod stopping": (
+        observe(job("r-prepare", pod("Running", deleting=True), suspended=True), spec=make_spec(suspend=True)),
+        c.SUSPENDED,
+        c.REASON_SUSPENDING,
+        "The prepare pod is stopping.",
+    ),
+    "suspended while preparing": (
+        observe(job("r-prepare", suspended=True), spec=make_spec(suspend=True)),
+        c.SUSPENDED,
+        c.REASON_SUSPENDED,
+        "Suspended while preparing; set spec.suspend: false to resume",
+    ),
+    "a prepare Job suspended while preparing failed stays failed": (
+        observe(
+            job("r-prepare", pod("Failed", exit_code=1), suspended=True, condition="Failed", condition_reason="x"),
+            spec=make_spec(suspend=True),
+        ),
+        c.FAILED,
+        c.REASON_BACKOFF,
+        "fix the cause in a new TrainingRun",
+    ),
+    "a ResourceQuota keeps the Job controller from creating the training pod": (
+        observe(PREPARED, replace(job("r-train"), create_failure=QUOTA)),
+        c.QUEUED,
+        c.REASON_QUOTA,
+        f"The Job controller cannot create the train pod: {QUOTA}. Free room in that ResourceQuota",
+    ),
+    "a missing PriorityClass keeps the Job controller from creating the prepare pod": (
+        observe(replace(job("r-prepare"), create_failure=NO_PRIORITY_CLASS)),
+        c.INITIALIZING,
+        c.REASON_POD_CREATE_FAILED,
+        'cannot create the prepare pod: Error creating: pods "r-prepare-a1b2c" is forbidden: no PriorityClass with '
+        "name high was found. Remove the cause it names",
+    ),
+    "no replacement pod for a failed one: the quota is full": (
+        observe(PREPARED, replace(job("r-train", pod("Failed", exit_code=1)), create_failure=QUOTA)),
+        c.QUEUED,
+        c.REASON_QUOTA,
+        "exceeded quota: gpu-quota",
+    ),
+    "the run's volume was kept from an earlier run of its name": (
+        replace(observe(job("r-prepare", pod("Running"))), earlier_volume=True),
+        c.INITIALIZING,
+        c.REASON_VOLUME_OF_EARLIER_RUN,
+        "Volume r-workspace existed before this run (an earlier TrainingRun named r kept it)",
+    ),
+    "... and it says so while it prepares": (
+        observe(job("r-prepare", pod("Running")), previous={"reason": c.REASON_VOLUME_OF_EARLIER_RUN}),
+        c.INITIALIZING,
+        c.REASON_VOLUME_OF_EARLIER_RUN,
+        "delete this run and PersistentVolumeClaim r-workspace before applying it again",
+    ),
 }
 
 
@@ -547,6 +718,58 @@ def test_a_run_that_failed_on_a_limit_retries_when_the_limit_is_raised(case, spe
     # The failed Job once deleted (by the operator, to replace it): the next pass creates its replacement.
     gone = derive(replace(failed, train=None, generation=2, previous=retried.status))
     assert (gone.phase, gone.reason, gone.retry) == (c.QUEUED, c.REASON_RETRYING, False)
+    # Retrying written, the failed Job's deletion lost (an API error, an operator restart): delete it again,
+    # with no Failed in between.
+    again = derive(replace(failed, spec=spec, generation=2, previous=retried.status))
+    assert (again.phase, again.reason, again.retry) == (c.QUEUED, c.REASON_RETRYING, True)
+    assert again.message == retried.message and again.status == retried.status, "no second patch, no Event"
+
+
+@pytest.mark.parametrize("case", ["backoff limit", "OOMKilled", "diverged (exit 4)"])
+def test_a_failed_job_beside_a_retrying_status_is_a_retry_only_if_its_limit_was_raised(case):
+    """A replacement Job has the spec's limits: when it fails, the run fails (it is no retry to do)."""
+    failed = CASES[case][0]
+    retrying = {"phase": c.QUEUED, "reason": c.REASON_RETRYING, "jobName": "r-train"}
+    spec = make_spec(maxRestarts=1)  # the backoff limit the failed Job has
+    assert derive(replace(failed, spec=spec, previous=retrying)).summary == (c.FAILED, CASES[case][2])
+    # And raised above the Job's own limit, only a failure on that limit retries: not an OOM, not divergence.
+    raised = derive(replace(failed, spec=make_spec(maxRestarts=9), previous=retrying))
+    assert raised.retry is (case == "backoff limit")
+
+
+def test_the_job_controllers_failed_create_events_are_read_only_for_a_job_without_a_pod_past_the_grace():
+    made = job("r-train", status={"startTime": ago(30)})
+    made = replace(made, created=ago(60))
+    assert awaits_pod(made, NOW, grace=20)
+    assert not awaits_pod(made, NOW, grace=45), "counted from the Job's start: a resumed Job's startTime moves"
+    assert not awaits_pod(replace(made, created=ago(5), start_time=None), NOW, grace=20), "just made"
+    assert not awaits_pod(replace(made, suspended=True), NOW, grace=20), "suspended: no pod is due (Kueue's wait)"
+    assert not awaits_pod(replace(made, pods=(PodView.from_dict(pod("Pending")),)), NOW, grace=20)
+    assert awaits_pod(replace(made, pods=(PodView.from_dict(pod("Failed", exit_code=1)),)), NOW, grace=20)
+    done = job("r-train", condition="Complete")
+    assert not awaits_pod(replace(done, created=ago(60)), NOW, grace=20)
+
+
+def failed_create(message: str, seconds_ago: float, count: int = 1) -> dict[str, Any]:
+    return {
+        "metadata": {"name": f"r-train.{seconds_ago}", "creationTimestamp": ago(600)},
+        "reason": c.EVENT_FAILED_CREATE,
+        "type": "Warning",
+        "message": message,
+        "count": count,
+        "lastTimestamp": ago(seconds_ago),
+    }
+
+
+def test_the_latest_failed_create_event_since_the_jobs_last_start_and_pod_says_why():
+    made = replace(job("r-train", status={"startTime": ago(120)}), created=ago(300))
+    events = [failed_create("old", 200), failed_create(QUOTA, 5, count=7), failed_create("older", 60)]
+    assert pod_create_failure(events, made) == QUOTA
+    assert pod_create_failure([failed_create("before the resume", 200)], made) is None
+    with_pod = replace(made, pods=(PodView.from_dict(pod("Failed", exit_code=1, age=30)),))
+    assert pod_create_failure([failed_create("before the last pod", 60)], with_pod) is None
+    assert pod_create_failure([failed_create(QUOTA, 10)], with_pod) == QUOTA
+    assert pod_create_failure([], made) is None
 
 
 def test_the_failure_says_the_retry_needs_the_failed_job_when_a_ttl_deletes_it():
@@ -679,3 +902,14 @@ def test_kueue_runs_have_an_admitted_condition():
 def test_pod_view_reads_a_real_pod_status():
     view = PodView.from_dict(pod("Failed", exit_code=3, message=trainer_says("PreflightFailed", "nope")))
     assert (view.exit_code, view.terminated_reason, view.disrupted) == (3, "Error", False)
+
+
+def test_the_trainer_still_says_the_words_the_operator_recognises():
+    """status.py adds cluster advice when the trainer refuses an earlier run's files: a contract in words."""
+    import inspect
+
+    from kubetune_trainer import train
+
+    source = " ".join(inspect.getsource(train).split())
+    missing = [text for text in c.EARLIER_RUN_TEXTS if text not in source]
+    assert not missing, f"kubetune_trainer.train no longer says {missing}: update constants.EARLIER_RUN_TEXTS"

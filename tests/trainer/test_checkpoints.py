@@ -428,3 +428,65 @@ def test_the_watchdog_exit_says_whether_a_checkpoint_was_saved(tmp_path, saved, 
     proc = subprocess.run([sys.executable, str(script), saved], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == code, proc.stderr
     assert says in proc.stderr
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from kubetune_trainer.checkpoints import exclusive
+
+with exclusive(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_one_run_at_a_time_holds_a_checkpoints_dir(tmp_path):
+    from kubetune_trainer.errors import PreflightError
+
+    root = tmp_path / "ckpt"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(
+                PreflightError,
+                match=rf"checkpoints.dir={root} is in use by another kubetune-train run "
+                rf"\(pid {holder.pid} on ",
+            ),
+            checkpoints.exclusive(root),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with checkpoints.exclusive(root):  # the kernel dropped the lock with the killed process
+        assert not scan(root), "the lock file is no checkpoint"
+
+
+@pytest.mark.parametrize(
+    ("files", "ours"),
+    [
+        ([], True),
+        ([".kubetune-output", "notes.txt"], True),  # marked: ours, whatever else is in it
+        (
+            ["metrics.json", "adapter_model.safetensors", "config.yaml", "README.md"],
+            True,
+        ),  # an earlier version's export
+        (["preflight.json"], True),  # an earlier version's failed preflight
+        (["config.yaml", "README.md"], False),  # a user's experiment folder
+        (["data.csv"], False),
+    ],
+)
+def test_output_dir_claim(tmp_path, files, ours):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in files:
+        (out / name).write_text("x")
+    if ours:
+        checkpoints.claim_output_dir(out)
+        assert (out / checkpoints.OUTPUT_MARKER).is_file()
+    else:
+        with pytest.raises(checkpoints.ConfigError, match="holds files kubetune did not write"):
+            checkpoints.claim_output_dir(out)
+        assert not (out / checkpoints.OUTPUT_MARKER).exists()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kubetune_trainer import compare
 from kubetune_trainer.errors import ConfigError
@@ -180,3 +181,25 @@ def test_make_qa_on_the_command_line(tmp_path):
     (tmp_path / "t.yaml").write_text("templates:\n- kind: x\n  question: '{street}?'\n  answer: '{branch}'\n")
     proc = kubetune_train("make-qa", "r.csv", "--template", "t.yaml", "--out", "qa", cwd=tmp_path)
     assert proc.returncode == 2 and "template 'x' uses field(s) street that r.csv lacks" in proc.stderr
+
+
+def test_a_cluster_that_is_down_is_named_not_a_traceback(tmp_path):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],  # discard: nothing listens
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u", "namespace": "ml"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    get, namespace = compare.cluster_reader(str(kubeconfig), None)
+    assert namespace == "ml"
+    with pytest.raises(
+        ConfigError, match=r"Reading TrainingRun ml/run-1: the API server is unreachable .*cluster is up"
+    ):
+        get("ml", "run-1")

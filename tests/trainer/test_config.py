@@ -104,6 +104,23 @@ def test_invalid_yaml_names_the_line(tmp_path):
         load_config(path)
 
 
+def test_a_key_given_twice_is_named_with_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(MINIMAL + "training:\n  learningRate: 1e-4\n  epochs: 2\n  learningRate: 3e-4\n")
+    first = MINIMAL.count("\n") + 2
+    with pytest.raises(
+        ConfigError, match=rf"{path}:{first + 2}: .*key 'learningRate' appears twice \(first on line {first}\)"
+    ):
+        load_config(path)
+
+
+def test_a_config_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "utf16.yaml"
+    path.write_text(MINIMAL, encoding="utf-16")  # as PowerShell's Out-File writes it
+    with pytest.raises(ConfigError, match=rf"{path}:1: not UTF-8 text .*Save the config as UTF-8"):
+        load_config(path)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="Config file not found"):
         load_config(tmp_path / "nope.yaml")

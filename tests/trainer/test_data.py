@@ -23,7 +23,7 @@ from kubetune_trainer.data import (
     tokenize_prompt_completion,
     tokenize_text,
 )
-from kubetune_trainer.errors import DataError
+from kubetune_trainer.errors import ConfigError, DataError
 from tests.conftest import write_jsonl
 
 CHAT = [
@@ -508,9 +508,20 @@ def test_a_prepared_dir_that_is_a_file_is_refused_and_kept(tmp_path, qa_rows, to
     assert path.read_bytes() == before, "the training data itself was pointed at: never replaced"
     blocker = tmp_path / "blocker"
     blocker.write_text("mine")
-    with pytest.raises(DataError, match=r"dataset.preparedDir=.*blocker/prepared cannot be created"):
+    with pytest.raises(ConfigError, match=r"dataset.preparedDir=.*blocker/prepared cannot be written") as failed:
         prepare_or_load(DatasetConfig(path=str(path), prepared_dir=str(blocker / "prepared")), tokenizer)
+    assert failed.value.check == "disk.prepared" and not isinstance(failed.value, DataError), "exit 3, like disk.*"
     assert blocker.read_text() == "mine"
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        if os.access(read_only, os.W_OK):
+            return  # root ignores permissions; the file in the way above is the same path through the code
+        with pytest.raises(ConfigError, match=r"read-only/prepared cannot be written \(Permission denied\)"):
+            prepare_or_load(DatasetConfig(path=str(path), prepared_dir=str(read_only / "prepared")), tokenizer)
+    finally:
+        read_only.chmod(0o755)
 
 
 @pytest.mark.parametrize("damage", ["garbled meta", "truncated table", "missing table"])
@@ -562,4 +573,13 @@ def test_a_missing_file_is_a_data_error_with_prepared_dir_too(tmp_path, tokenize
 
     cfg = DatasetConfig(path=str(tmp_path / "nope.jsonl"), prepared_dir=str(tmp_path / "prepared"))
     with pytest.raises(DataError, match="file not found"):
+        prepare_or_load(cfg, tokenizer)
+
+
+def test_a_directory_as_the_data_file_is_named_as_such(tmp_path, tokenizer):
+    from kubetune_trainer.data import prepare_or_load
+
+    (tmp_path / "train.jsonl").mkdir()
+    cfg = DatasetConfig(path=str(tmp_path / "train.jsonl"))
+    with pytest.raises(DataError, match=r"dataset.path: .*train.jsonl is a directory; name the data file in it"):
         prepare_or_load(cfg, tokenizer)

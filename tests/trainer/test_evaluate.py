@@ -258,6 +258,16 @@ def test_an_adapter_for_another_model_is_refused_naming_both(make_config, tmp_pa
         ev.load_adapter(base, tmp_path / "adapter", cfg)
     with pytest.raises(ConfigError, match=r"no adapter_config\.json there"):
         ev.load_adapter(base, tmp_path, cfg)
+    # A half-copied adapter: peft would go looking on the Hub for the weights.
+    (tmp_path / "config-only").mkdir()
+    shutil.copy(tmp_path / "adapter" / "adapter_config.json", tmp_path / "config-only")
+    with pytest.raises(ConfigError, match=r"adapter_config\.json but no adapter_model\.safetensors"):
+        ev.load_adapter(base, tmp_path / "config-only", cfg)
+    # A setting peft cannot take.
+    broken = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**broken, "nope_unknown": 1, "r": "x"}))
+    with pytest.raises(ConfigError, match=r"adapter_config\.json is not a peft config"):
+        ev.load_adapter(base, tmp_path / "adapter", cfg)
 
 
 @pytest.mark.parametrize(

@@ -256,6 +256,7 @@ def test_truncated_weights_exit_2_without_a_traceback(truncated_model, qa_file, 
         text=True,
         timeout=300,
         check=False,
+        cwd=tmp_path,  # relative defaults (dataset.preparedDir) land here, not in the checkout
     )
     assert proc.returncode == 2, proc.stderr
     assert f"{truncated_model / 'model.safetensors'} is unreadable" in proc.stderr

@@ -229,3 +229,15 @@ def test_quickstart_starts_over_in_its_own_directory(tmp_path):
     claim_workdir(tmp_path)
     assert not (tmp_path / "output").exists()
     assert (tmp_path / "notes.txt").exists(), "only the quickstart's own outputs are replaced"
+
+
+def test_records_that_are_not_utf8_and_an_out_that_is_a_file_are_named(tmp_path):
+    records = tmp_path / "branches.csv"
+    records.write_bytes("branch,routing_code\nOak Plaza,012345678\nBäckerstraße,987654321\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"RECORDS: .*branches.csv:3: not UTF-8 text .*Save the file as UTF-8"):
+        read_records(records)
+    records.write_text("branch,routing_code\nOak Plaza,012345678\n")
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(ConfigError, match=r"--out .*taken is a file"):
+        make_qa(records, write_templates(tmp_path / "t.yaml", BRANCH_TEMPLATES[:1]), tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "mine"

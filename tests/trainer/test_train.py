@@ -305,10 +305,11 @@ def test_output_of_another_run_is_never_overwritten(make_config):
     adapter = Path(first.output.dir) / "adapter_model.safetensors"
     before = adapter.read_bytes()
     with pytest.raises(ConfigError, match="already holds the adapter of another run"):
-        setup(make_config(**{"training.maxSteps": 3}), sinks=[])
+        setup(make_config(**{"training.maxSteps": 2, "lora.r": 4}), sinks=[])  # another adapter: another run
     assert adapter.read_bytes() == before
-    # The same config again is a rerun, not another run.
+    # The same config again is a rerun, not another run; so is one with more steps (it continues training).
     setup(first, sinks=[])
+    setup(make_config(**{"training.maxSteps": 3}), sinks=[])
 
 
 def test_bf16_on_cpu_is_refused_with_the_setting_named(make_config):
@@ -359,8 +360,11 @@ def test_a_finished_run_is_not_exported_under_other_settings_but_can_be_extended
             ),
             sinks=[],
         )
-    longer = make_config(**{"training.maxSteps": 10, "output.dir": str(Path(done.output.dir).parent / "out2")})
+    # More steps, as the message advises: the same run, so its own output.dir takes the longer run's export.
+    longer = make_config(**{"training.maxSteps": 10})
+    assert longer.output.dir == done.output.dir
     result = run(longer, sinks=[])
+    assert json.loads((Path(done.output.dir) / "metrics.json").read_text())["global_step"] == 10
     assert result.metrics["resumed_from_step"] == 6
     assert result.metrics["global_step"] == 10
     steps = [h["step"] for h in result.log_history if "loss" in h]
@@ -377,3 +381,17 @@ def test_a_resume_drops_the_records_of_the_steps_it_makes_again(tmp_path):
     assert log.read_text().splitlines() == [*(json.dumps(r) for r in lines[:3]), '{"step": 3']
     assert drop_records_after(log, 20) == 0
     assert drop_records_after(tmp_path / "absent.jsonl", 5) == 0
+
+
+def test_an_output_dir_with_a_users_files_is_refused_and_left_alone(make_config):
+    cfg = make_config(**{"training.maxSteps": 2})
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text("# my notes on this experiment\n")
+    (out / "README.md").write_text("mine")
+    with pytest.raises(
+        ConfigError, match=r"output.dir=.* holds files kubetune did not write \(README.md, config.yaml\)"
+    ):
+        run(cfg, sinks=[])
+    assert (out / "config.yaml").read_text() == "# my notes on this experiment\n"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.yaml"], "nothing written there"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -29,18 +30,23 @@ import os
 import re
 import resource
 import shutil
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kubetune_trainer.errors import ConfigError, PreflightError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE = "kubetune_state.json"
 STAGING = ".staging"
+LOCK = ".lock"
 SET_ASIDE = "set-aside"
 REASON = "SET_ASIDE_REASON.txt"
 PREFIX = "checkpoint-"
@@ -191,6 +197,88 @@ def make_dirs(path: Path) -> None:
     for directory in reversed(missing):
         directory.mkdir(exist_ok=True)
         fsync_path(directory.parent)
+
+
+@contextlib.contextmanager
+def exclusive(root: Path) -> Iterator[None]:
+    """Hold checkpoints.dir for this process while it runs: a second run on the same directory would set
+    aside this one's save in progress and prune the checkpoint it is about to resume from.
+
+    An flock on root/.lock, which the kernel drops when the process ends, SIGKILL included, so a crash
+    never leaves the directory locked. When root cannot be created the lock is skipped: preflight's
+    disk.checkpoints check reports that directory."""
+    try:
+        make_dirs(root)
+        handle = (root / LOCK).open("a+", encoding="utf-8")
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise PreflightError(
+                f"checkpoints.dir={root} is in use by another kubetune-train run ({holder}): two runs on one "
+                "directory would prune and set aside each other's checkpoints. Wait for that run to end, or set "
+                "another checkpoints.dir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield  # the lock goes with the file's close
+
+
+OUTPUT_MARKER = ".kubetune-output"
+# What kubetune writes to output.dir: a directory holding only these (and no marker) is an earlier
+# version's output, not a user's folder.
+_OUTPUT_NAMES = frozenset(
+    {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.yaml",
+        "metrics.json",
+        "log_history.json",
+        "loss_curves.png",
+        "preflight.json",
+        "progress.jsonl",
+        "high_loss_samples.jsonl",
+        "eval.json",
+        "predictions.jsonl",
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+    }
+)
+
+
+def claim_output_dir(out: Path) -> None:
+    """Make output.dir this tool's before the first write into it: new or empty, it is marked as ours; marked,
+    it is ours; anything else is a user's folder, whose files (a config.yaml, a README.md) an export would
+    replace, and is refused. A file or an unwritable path is left to preflight's disk.output check."""
+    if out.exists() and not out.is_dir():
+        return
+    if out.is_dir() and not (out / OUTPUT_MARKER).exists():
+        names = {p.name for p in out.iterdir() if not p.name.startswith(".export-")}
+        earlier_output = names <= _OUTPUT_NAMES and bool(names & {"metrics.json", "preflight.json"})
+        if names and not earlier_output:
+            shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+            raise ConfigError(
+                f"output.dir={out} holds files kubetune did not write ({shown}); an export would replace some of "
+                "them. Point output.dir at a new or empty directory (--set output.dir=...)."
+            )
+    try:
+        make_dirs(out)
+        (out / OUTPUT_MARKER).write_text("written by kubetune-train: its adapter, reports and logs\n")
+    except OSError:
+        return
 
 
 def lacks_space(directory: Path, need: int, largest_file: int = 0) -> bool:

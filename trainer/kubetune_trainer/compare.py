@@ -144,6 +144,7 @@ def from_trainingrun(obj: dict[str, Any]) -> RunSummary:
 def cluster_reader(kubeconfig: str | None, context: str | None) -> tuple[Callable[[str, str], dict | None], str]:
     """get(namespace, name) -> the TrainingRun or None, and the kubeconfig context's namespace."""
     import kubernetes
+    import urllib3
 
     try:
         contexts, current = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
@@ -166,8 +167,12 @@ def cluster_reader(kubeconfig: str | None, context: str | None) -> tuple[Callabl
             if exc.status == 404:
                 return None
             raise ConfigError(f"Reading TrainingRun {ns}/{name}: HTTP {exc.status} {exc.reason}.") from None
-        except OSError as exc:  # urllib3's connection errors are OSErrors
-            raise ConfigError(f"Reading TrainingRun {ns}/{name}: the API server is unreachable ({exc}).") from None
+        except (OSError, urllib3.exceptions.HTTPError) as exc:  # refused, timed out, retries used up
+            reason = getattr(exc, "reason", None) or exc
+            raise ConfigError(
+                f"Reading TrainingRun {ns}/{name}: the API server is unreachable ({reason}). Check that the cluster "
+                "is up and the kubeconfig's server (--kubeconfig, --context) is right."
+            ) from None
 
     return get, namespace
 

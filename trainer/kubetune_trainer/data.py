@@ -16,7 +16,6 @@ by token id, so an EOS stays a target even when the pad token is the EOS token.
 
 from __future__ import annotations
 
-import csv
 import errno
 import hashlib
 import json
@@ -38,7 +37,8 @@ import torch
 
 from kubetune_trainer import checkpoints
 from kubetune_trainer.config import DatasetConfig
-from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.errors import ConfigError, DataError, is_disk_full
+from kubetune_trainer.textfiles import csv_records, not_utf8
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ def check_data_file(path: str, setting: str) -> str:
             f"{setting}: cannot read {path!r}: unsupported file type {file.suffix or '(none)'!r}. "
             f"Use one of {', '.join(sorted(FILE_TYPES))}."
         )
+    if file.is_dir():
+        raise DataError(f"{setting}: {path} is a directory; name the data file in it (one file per split).")
     if not file.is_file():
         where = f" (relative to {Path.cwd()})" if not file.is_absolute() else ""
         raise DataError(f"{setting}: file not found: {path}{where}. Check the path or create the file.")
@@ -174,50 +176,14 @@ def _json_rows(file: Path, setting: str) -> Iterator[tuple[str, Any]]:
                     )
                 yield f"{file}:{lineno}", row
     except UnicodeDecodeError as exc:
-        raise _not_utf8(file, setting, exc) from None
-
-
-def _not_utf8(file: Path, setting: str, exc: UnicodeDecodeError) -> DataError:
-    # exc.start counts from the decoder's current chunk, not the file: find the line by decoding each.
-    with file.open("rb") as fh:
-        line = next((n for n, raw in enumerate(fh, start=1) if not _decodes(raw)), 1)
-    return DataError(f"{setting}: {file}:{line}: not UTF-8 text ({exc.reason}). Save the file as UTF-8.")
-
-
-def _decodes(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _csv_records(file: Path, setting: str) -> Iterator[tuple[int, list[str]]]:
-    """(first line, fields) of each CSV record, the header first. Blank lines are not records;
-    a quoted value may span lines, so a record's line is where it starts."""
-    try:
-        with file.open(encoding="utf-8-sig", newline="") as fh:  # -sig: Excel starts its CSVs with a BOM
-            reader = csv.reader(fh, strict=True)
-            start = 1
-            try:
-                for fields in reader:
-                    if len(fields) > 1 or (fields and fields[0].strip()):
-                        yield start, fields
-                    start = reader.line_num + 1
-            except csv.Error as exc:
-                raise DataError(
-                    f"{setting}: {file}:{start}: not valid CSV ({exc}). Put values that hold commas, quotes or "
-                    'line breaks in double quotes, with inner quotes doubled ("say ""hi""").'
-                ) from None
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(file, setting, exc) from None
+        raise not_utf8(file, setting, exc) from None
 
 
 def _read_csv(file: Path, setting: str) -> datasets.Dataset:
     """Every column as text, read with the csv module rather than pandas: pandas guesses types (a
     column of routing codes becomes int and loses its leading zeros) and its errors name no line.
     An empty cell is a missing value."""
-    records = _csv_records(file, setting)
+    records = csv_records(file, setting)
     first = next(records, None)
     if first is None:
         return datasets.Dataset.from_dict({})
@@ -247,7 +213,7 @@ def _row_location(path: str, index: int, setting: str) -> str:
     """'file:line' of a CSV row, 'file row i' of a Parquet row (only built on the error path)."""
     file = Path(path)
     if FILE_TYPES.get(file.suffix.lower()) == "csv":
-        records = _csv_records(file, setting)
+        records = csv_records(file, setting)
         next(records, None)  # the header
         line = next((line for i, (line, _) in enumerate(records) if i == index), None)
         return f"{path}:{line}"
@@ -694,17 +660,26 @@ def check_prepared_dir(directory: Path, cfg: DatasetConfig) -> None:
 
 
 def save_prepared(data: PreparedData, directory: Path, fingerprint: str) -> None:
-    """Write tokenized and raw splits to a sibling directory, fsync them, then swap it into place."""
+    """Write tokenized and raw splits to a sibling directory, fsync them, then swap it into place.
+
+    A directory that cannot be written fails the preflight check disk.prepared (a full volume stays an
+    OSError, which the CLI reports as one)."""
     try:
-        checkpoints.make_dirs(directory.parent)
-        if not directory.parent.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, f"{directory.parent} is a file")
+        _save_prepared(data, directory, fingerprint)
     except OSError as exc:
-        raise DataError(
-            f"dataset.preparedDir={directory} cannot be created ({exc.strerror or exc}); point it at a writable "
+        if is_disk_full(exc):
+            raise
+        raise ConfigError(
+            f"dataset.preparedDir={directory} cannot be written ({exc.strerror or exc}); point it at a writable "
             "directory on the run's volume.",
-            check="dataset.preparedDir",
+            check="disk.prepared",
         ) from None
+
+
+def _save_prepared(data: PreparedData, directory: Path, fingerprint: str) -> None:
+    checkpoints.make_dirs(directory.parent)
+    if not directory.parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(directory.parent))
     for leftover in directory.parent.glob(f".{directory.name}.*"):  # a swap interrupted by a kill
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new-"))

@@ -528,18 +528,30 @@ def load_adapter(base: Any, adapter_dir: Path, cfg: TrainConfig) -> Any:
         )
     try:
         trained_on = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, AttributeError) as exc:
         raise ConfigError(f"--adapter {adapter_dir}: adapter_config.json is unreadable ({exc}).") from None
+    weights = [adapter_dir / f for f in ("adapter_model.safetensors", "adapter_model.bin")]
+    if not any(w.is_file() for w in weights):
+        # peft would look for the weights on the Hugging Face Hub instead, and fail there.
+        raise ConfigError(
+            f"--adapter {adapter_dir}: adapter_config.json but no adapter_model.safetensors. Copy the whole "
+            "output.dir of the run, or point --adapter at it."
+        )
     name = cfg.model.name_or_path
     remedy = "Evaluate it with the config of the run that made it, or set model.nameOrPath to its base model."
     try:
         # PeftModel.from_pretrained, in its two steps, for peft's load result (missing and unexpected keys).
         peft_config = PeftConfig.from_pretrained(str(adapter_dir))
+    except (TypeError, ValueError, OSError) as exc:  # a setting of the wrong type or name
+        raise ConfigError(f"--adapter {adapter_dir}: adapter_config.json is not a peft config ({exc}).") from None
+    try:
         peft_config.inference_mode = True
         with warnings.catch_warnings():  # peft's note on another base name: checked below, and logged
             warnings.filterwarnings("ignore", message=r"The PEFT config's `base_model_name_or_path` was renamed")
             model = get_peft_model(base, peft_config)
         loaded = model.load_adapter(str(adapter_dir), adapter_name="default")
+    except TypeError as exc:  # a setting of the wrong type, found when peft builds the adapter (r: "8")
+        raise ConfigError(f"--adapter {adapter_dir}: adapter_config.json is not a peft config ({exc}).") from None
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()
         detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")

@@ -546,7 +546,9 @@ def _disk_checks(cfg: TrainConfig, info: ModelInfo | None) -> list[Check]:
 
 def write_report(report: Report, path: Path) -> None:
     """Best effort: when output.dir is what failed (a file, read-only), the report still reaches stderr and the
-    run's status, and the failed disk.output check, not this write, must decide the exit."""
+    run's status, and the failed disk.output check, not this write, must decide the exit. A user's folder as
+    output.dir is refused (checkpoints.claim_output_dir)."""
+    checkpoints.claim_output_dir(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

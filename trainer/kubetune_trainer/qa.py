@@ -24,7 +24,6 @@ a record whose exact question was trained on is what a lookup model is evaluated
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
@@ -38,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.textfiles import csv_records, not_utf8
 
 PROMPT_FORMAT = "Question: {question}\nAnswer:"
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
@@ -117,33 +117,33 @@ def read_records(path: Path) -> tuple[list[dict[str, str]], list[int]]:
     records: list[dict[str, str]] = []
     lines: list[int] = []
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, [])
-            start = reader.line_num + 1
-            for row in reader:
-                line_no, start = start, reader.line_num + 1  # a quoted value may span lines
-                if not row:
-                    continue  # a blank line
-                if len(row) != len(header):
-                    raise DataError(
-                        f"{path}:{line_no}: {len(row)} columns where the header has {len(header)}. Fix that line."
-                    )
-                records.append(dict(zip(header, row, strict=True)))
-                lines.append(line_no)
+        rows = csv_records(path, "RECORDS")  # BOM, quoting, UTF-8: errors with file:line, as for training data
+        _, header = next(rows, (0, []))
+        for line_no, row in rows:
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path}:{line_no}: {len(row)} columns where the header has {len(header)}. Fix that line."
+                )
+            records.append(dict(zip(header, row, strict=True)))
+            lines.append(line_no)
     elif suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as exc:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg}). Fix that line.") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{line_no}: a record must be a JSON object, found {type(obj).__name__}.")
-                records.append({k: "" if v is None else str(v) for k, v in obj.items()})
-                lines.append(line_no)
+        try:
+            with path.open(encoding="utf-8") as fh:
+                for line_no, line in enumerate(fh, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as exc:
+                        raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg}). Fix that line.") from None
+                    if not isinstance(obj, dict):
+                        raise DataError(
+                            f"{path}:{line_no}: a record must be a JSON object, found {type(obj).__name__}."
+                        )
+                    records.append({k: "" if v is None else str(v) for k, v in obj.items()})
+                    lines.append(line_no)
+        except UnicodeDecodeError as exc:
+            raise not_utf8(path, "RECORDS", exc) from None
     else:
         raise DataError(f"RECORDS {path}: unknown file type {suffix or '(none)'}; use .csv or .jsonl.")
     if not records:
@@ -320,6 +320,8 @@ def make_qa(
         records, spec.to_templates(), source=str(records_path), prompt_format=spec.prompt_format, lines=lines
     )
     splits = split_pairs(pairs, validation, test, seed)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; make-qa writes a directory of splits. Choose another --out.")
     theirs = [out_dir / f for f in SPLIT_FILES.values() if (out_dir / f).exists()]
     if theirs and not (out_dir / MARKER).exists():
         raise ConfigError(

@@ -398,18 +398,29 @@ def finished_run(cfg: TrainConfig, resume: Checkpoint | None, steps: int) -> boo
 
 
 def check_output_dir(out: Path, cfg: TrainConfig) -> None:
-    """Refuse to overwrite the adapter of a different run; a rerun of the same config may."""
+    """Refuse a user's folder, and the adapter of a different run; the same run may export again (a rerun,
+    or one with more steps: the settings in RESUMABLE_TRAINING may differ)."""
+    checkpoints.claim_output_dir(out)
     for leftover in out.glob(".export-*"):  # an export of ours cut short by a kill
         shutil.rmtree(leftover, ignore_errors=True)
     if not (out / ADAPTER_FILES[1]).exists():
         return
-    previous = out / "config.yaml"
-    if previous.exists() and previous.read_text(encoding="utf-8") == cfg.to_yaml():
+    if _same_run(out / "config.yaml", cfg):
         return
     raise ConfigError(
-        f"output.dir: {out} already holds the adapter of another run (its config.yaml differs from this "
-        "one). Choose another output.dir (--set output.dir=...) or move that run away first."
+        f"output.dir: {out} already holds the adapter of another run (other model, LoRA, data or batch settings "
+        "in its config.yaml). Choose another output.dir (--set output.dir=...) or move that run away first."
     )
+
+
+def _same_run(previous: Path, cfg: TrainConfig) -> bool:
+    from kubetune_trainer.config import load_config
+
+    try:
+        theirs = load_config(previous)
+    except ConfigError:  # missing, or written by a version with other settings: not provably the same run
+        return False
+    return fingerprint(run_identity(theirs)) == fingerprint(run_identity(cfg))
 
 
 def export(
@@ -821,18 +832,19 @@ def run(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int =
     stop.install()
     where = "while setting up, before training started; nothing new to save"
     try:
-        recipe = setup(cfg, sinks=sinks, expect_gpus=expect_gpus, stop=stop)
-        try:
-            after = (
-                "in the final evaluation and export; the finished run's checkpoint is kept, so a rerun only "
-                "evaluates and exports it"
-            )
-            where = after if recipe.finished else "before training started; nothing new to save"
-            metrics = train(recipe)
-            where = after
-            return finish(recipe, metrics)
-        finally:
-            recipe.reporter.close()
+        with checkpoints.exclusive(Path(cfg.checkpoints.dir)):
+            recipe = setup(cfg, sinks=sinks, expect_gpus=expect_gpus, stop=stop)
+            try:
+                after = (
+                    "in the final evaluation and export; the finished run's checkpoint is kept, so a rerun only "
+                    "evaluates and exports it"
+                )
+                where = after if recipe.finished else "before training started; nothing new to save"
+                metrics = train(recipe)
+                where = after
+                return finish(recipe, metrics)
+            finally:
+                recipe.reporter.close()
     except Stopped as stopped:
         error = Interrupted(f"Stopped by {stopped.signal.name} {where}. Run again to continue.")
         error.exit_code = stopped.exit_code

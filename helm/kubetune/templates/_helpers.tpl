@@ -20,15 +20,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end -}}
 
-{{/* A Prometheus duration (30s, 15m, 2h, 1d) as seconds, for comparisons inside PromQL. */}}
+{{/* A Prometheus duration (30s, 15m, 2h, 1d) as seconds, for comparisons inside PromQL. The number is read
+as decimal (atoi): sprig's `int` reads a leading 0 as octal, "015" as 13 and "08" as 0. */}}
 {{- define "kubetune.seconds" -}}
 {{- $d := toString . -}}
-{{- $units := dict "s" 1 "m" 60 "h" 3600 "d" 86400 -}}
-{{- $unit := substr (int (sub (len $d) 1)) (len $d) $d -}}
-{{- if not (hasKey $units $unit) -}}
+{{- if not (regexMatch "^[0-9]+[smhd]$" $d) -}}
 {{- fail (printf "prometheusRule: %q is not a duration like 30s, 15m, 2h or 1d" $d) -}}
 {{- end -}}
-{{- mul (trimSuffix $unit $d | int) (get $units $unit) -}}
+{{- $units := dict "s" 1 "m" 60 "h" 3600 "d" 86400 -}}
+{{- $unit := substr (sub (len $d) 1 | int) (len $d) $d -}}
+{{- mul (trimSuffix $unit $d | atoi) (get $units $unit) -}}
 {{- end -}}
 
 {{/* kopf's liveness endpoint, which the probes call: the port Dockerfile.operator's ENTRYPOINT gives --liveness. */}}

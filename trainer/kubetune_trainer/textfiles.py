@@ -1,0 +1,46 @@
+"""Reading text files row by row with errors that name the file and line: CSV records (a quoted value may
+span lines) and text that is not UTF-8. Shared by the trainer's data reader and `make-qa`; stdlib only."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+from kubetune_trainer.errors import DataError
+
+
+def not_utf8(file: Path, setting: str, exc: UnicodeDecodeError) -> DataError:
+    # exc.start counts from the decoder's current chunk, not the file: find the line by decoding each.
+    with file.open("rb") as fh:
+        line = next((n for n, raw in enumerate(fh, start=1) if not decodes(raw)), 1)
+    return DataError(f"{setting}: {file}:{line}: not UTF-8 text ({exc.reason}). Save the file as UTF-8.")
+
+
+def decodes(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def csv_records(file: Path, setting: str) -> Iterator[tuple[int, list[str]]]:
+    """(first line, fields) of each CSV record, the header first. Blank lines are not records;
+    a quoted value may span lines, so a record's line is where it starts."""
+    try:
+        with file.open(encoding="utf-8-sig", newline="") as fh:  # -sig: Excel starts its CSVs with a BOM
+            reader = csv.reader(fh, strict=True)
+            start = 1
+            try:
+                for fields in reader:
+                    if len(fields) > 1 or (fields and fields[0].strip()):
+                        yield start, fields
+                    start = reader.line_num + 1
+            except csv.Error as exc:
+                raise DataError(
+                    f"{setting}: {file}:{start}: not valid CSV ({exc}). Put values that hold commas, quotes or "
+                    'line breaks in double quotes, with inner quotes doubled ("say ""hi""").'
+                ) from None
+    except UnicodeDecodeError as exc:
+        raise not_utf8(file, setting, exc) from None
