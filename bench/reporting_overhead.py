@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.operator.e
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
-from bench.trainer_throughput import make_data
+from bench.trainer_throughput import make_data_and_model
 from transformers import TrainerCallback
 
 from kubetune_trainer.sinks import (
@@ -165,8 +165,6 @@ def main() -> None:
 
     from tests.operator.conftest import free_port
 
-    from kubetune_trainer.quickstart import build_tiny_model
-
     gaps: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
     foreground = background = 0.0
     on_steps = 0
@@ -189,14 +187,7 @@ def main() -> None:
             )
             for noisy in ("transformers", "datasets", "peft", "accelerate", "torch", "urllib3", "filelock"):
                 logging.getLogger(noisy).setLevel(logging.ERROR)
-            rows = make_data(work / "data.jsonl", args.rows)
-            build_tiny_model(
-                [r["prompt"] + r["completion"] for r in rows[:500]],
-                work / "model",
-                hidden_size=args.hidden,
-                layers=args.layers,
-                heads=max(2, args.hidden // 64),
-            )
+            make_data_and_model(work, args)
             train_once(work, "warmup", argparse.Namespace(**{**vars(args), "steps": 5}), None)  # prepares the data
             # The status sink's first patch imports the kubernetes client (seconds of CPU, once per run, in the
             # sink's thread); done here, so that the rounds measure what each step costs.

@@ -46,6 +46,21 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
+def make_data_and_model(work: Path, args: argparse.Namespace) -> None:
+    """work/data.jsonl (args.rows rows) and a random-initialised Qwen2 in work/model (args.hidden, args.layers)
+    with a tokenizer trained on the data: the benches' common setup."""
+    from kubetune_trainer.quickstart import build_tiny_model
+
+    rows = make_data(work / "data.jsonl", args.rows)
+    build_tiny_model(
+        [r["prompt"] + r["completion"] for r in rows[:500]],
+        work / "model",
+        hidden_size=args.hidden,
+        layers=args.layers,
+        heads=max(2, args.hidden // 64),
+    )
+
+
 def make_data(path: Path, rows: int, seed: int = 0) -> list[dict[str, str]]:
     """Prompt/completion pairs with a long-tailed length distribution, as real SFT data has."""
     from kubetune_trainer.quickstart import branch_records
@@ -211,19 +226,10 @@ def main() -> None:
         child(args.child, args.work, args)
         return
 
-    from kubetune_trainer.quickstart import build_tiny_model
-
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows = make_data(work / "data.jsonl", args.rows)
-        build_tiny_model(
-            [r["prompt"] + r["completion"] for r in rows[:500]],
-            work / "model",
-            hidden_size=args.hidden,
-            layers=args.layers,
-            heads=max(2, args.hidden // 64),
-        )
+        make_data_and_model(work, args)
         # Alternating, so a burst of other work on the machine hits every variant alike.
         for round_ in range(1, args.rounds + 1):
             for variant in VARIANTS:
