@@ -265,9 +265,10 @@ def test_an_adapter_for_another_model_is_refused_naming_both(make_config, tmp_pa
         ev.load_adapter(base, tmp_path / "config-only", cfg)
     # A setting peft cannot take.
     broken = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**broken, "nope_unknown": 1, "r": "x"}))
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**broken, "r": "x"}))
+    fresh = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
     with pytest.raises(ConfigError, match=r"adapter_config\.json is not a peft config"):
-        ev.load_adapter(base, tmp_path / "adapter", cfg)
+        ev.load_adapter(fresh, tmp_path / "adapter", cfg)
 
 
 @pytest.mark.parametrize(
