@@ -411,7 +411,9 @@ stop = StopRequest(grace_seconds=0.5)
 stop.install()
 with stop.at_safe_points():
     os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while not stop.requested and time.monotonic() < deadline:  # the handler runs between bytecodes
+        time.sleep(0.01)
     if sys.argv[1] == "saved":
         stop.save_begins()
         stop.save_ends()
