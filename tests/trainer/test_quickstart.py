@@ -69,15 +69,15 @@ NATURAL = QATemplate("natural", "Where in {city} is {branch}?", "{routing_code}"
 )
 def test_a_record_missing_or_emptying_a_used_field_is_named_with_file_and_line(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
-    records, lines = read_records(tmp_path / name)
+    records, locations = read_records(tmp_path / name)
     with pytest.raises(DataError, match=message):
-        render_pairs(records, [NATURAL], source=name, lines=lines)
+        render_pairs(records, [NATURAL], source=name, locations=locations)
 
 
 def test_records_know_the_line_they_start_on(tmp_path):
     (tmp_path / "r.csv").write_text('branch,note\n"Oak\nPlaza",x\n\nElm,y\n')
     assert read_records(tmp_path / "r.csv") == ([{"branch": "Oak\nPlaza", "note": "x"}, {"branch": "Elm", "note": "y"}],
-                                                [2, 5])  # fmt: skip
+                                                [f"{tmp_path / 'r.csv'}:2", f"{tmp_path / 'r.csv'}:5"])  # fmt: skip
     # A field no template uses may be empty or absent.
     pairs = render_pairs([{"branch": "Oak", "routing_code": "1", "city": ""}, {"branch": "Elm", "routing_code": "2"}],
                          [QATemplate("exact", "Code of {branch}?", "{routing_code}")])  # fmt: skip
@@ -202,8 +202,9 @@ def test_a_malformed_placeholder_is_refused():
     [
         ("r.csv", "branch,routing_code\nOak,1,extra\n", r"r.csv:2: 3 columns where the header has 2"),
         ("r.csv", "branch,routing_code\n", "holds no records"),
-        ("r.jsonl", '{"branch": "Oak"}\n{"branch": \n', r"r.jsonl:2: not valid JSON"),
-        ("r.jsonl", '["Oak"]\n', r"r.jsonl:1: a record must be a JSON object"),
+        ("r.jsonl", '{"branch": "Oak"}\n{"branch": \n', r"RECORDS: \S+r.jsonl:2: invalid JSON"),
+        ("r.jsonl", '["Oak"]\n', r"r.jsonl: element 0 of the array is not an object"),
+        ("r.jsonl", '{"branch": "Oak"}\n"Elm"\n', r"r.jsonl:2: expected a JSON object per line, found str"),
         ("r.txt", "x", "unknown file type .txt"),
     ],
 )

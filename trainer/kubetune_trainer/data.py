@@ -38,7 +38,7 @@ import torch
 from kubetune_trainer import checkpoints
 from kubetune_trainer.config import DatasetConfig
 from kubetune_trainer.errors import ConfigError, DataError, is_disk_full
-from kubetune_trainer.textfiles import csv_records, not_utf8
+from kubetune_trainer.textfiles import csv_records, json_rows
 
 log = logging.getLogger(__name__)
 
@@ -140,43 +140,7 @@ def _root_cause(exc: BaseException) -> str:
 
 def _check_json_lines(file: Path, setting: str) -> int:
     """Raise on the first line that is not a JSON object; return the number of rows."""
-    return sum(1 for _ in _json_rows(file, setting))
-
-
-def _json_rows(file: Path, setting: str) -> Iterator[tuple[str, Any]]:
-    """('file:line', row) for each row of a JSON Lines file (or 'file: element i' of a JSON array),
-    with the types the file gives them."""
-    try:
-        with file.open(encoding="utf-8") as fh:
-            head = fh.read(1024).lstrip()
-        if head.startswith("["):  # a JSON array, not JSON Lines
-            try:
-                rows = json.loads(file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{setting}: {file}:{exc.lineno}: invalid JSON ({exc.msg}).") from None
-            for i, row in enumerate(rows):
-                if not isinstance(row, dict):
-                    raise DataError(f"{setting}: {file}: element {i} of the array is not an object.")
-                yield f"{file}: element {i}", row
-            return
-        with file.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{setting}: {file}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}). "
-                        "Each line must hold one JSON object."
-                    ) from None
-                if not isinstance(row, dict):
-                    raise DataError(
-                        f"{setting}: {file}:{lineno}: expected a JSON object per line, found {type(row).__name__}."
-                    )
-                yield f"{file}:{lineno}", row
-    except UnicodeDecodeError as exc:
-        raise not_utf8(file, setting, exc) from None
+    return sum(1 for _ in json_rows(file, setting))
 
 
 def _read_csv(file: Path, setting: str) -> datasets.Dataset:
@@ -300,7 +264,7 @@ def validate_rows(ds: datasets.Dataset, fmt: str, cfg: DatasetConfig, path: str,
     if FILE_TYPES.get(Path(path).suffix.lower()) == "json":
         # The file again, not ds: one non-string value makes datasets store the whole column as Json, and
         # read back every string in it that parses as JSON (" 499858816") as a number.
-        for _, (where, row) in zip(range(len(ds)), _json_rows(Path(path), setting), strict=False):
+        for _, (where, row) in zip(range(len(ds)), json_rows(Path(path), setting), strict=False):
             if problem := row_problem({c: row.get(c) for c in columns}, fmt, cfg):
                 problems.append(f"{where}: {problem}")
     else:

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from kubetune_trainer.errors import ConfigError, DataError
-from kubetune_trainer.textfiles import csv_records, not_utf8
+from kubetune_trainer.textfiles import csv_records, json_rows
 
 PROMPT_FORMAT = "Question: {question}\nAnswer:"
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
@@ -109,15 +109,16 @@ def load_template_file(path: Path) -> TemplateFile:
     return spec
 
 
-def read_records(path: Path) -> tuple[list[dict[str, str]], list[int]]:
-    """Records from a CSV (header row) or JSONL file, every value as text, and the line each starts on."""
+def read_records(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """Records from a CSV (header row) or JSONL file, every value as text, and where each starts ("file:line"),
+    read as the trainer reads its data (BOM, quoting, UTF-8: errors name the file and line)."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise DataError(f"RECORDS {path}: no such file. Give a .csv or .jsonl file of records.")
     records: list[dict[str, str]] = []
-    lines: list[int] = []
+    locations: list[str] = []
     if suffix == ".csv":
-        rows = csv_records(path, "RECORDS")  # BOM, quoting, UTF-8: errors with file:line, as for training data
+        rows = csv_records(path, "RECORDS")
         _, header = next(rows, (0, []))
         for line_no, row in rows:
             if len(row) != len(header):
@@ -125,37 +126,26 @@ def read_records(path: Path) -> tuple[list[dict[str, str]], list[int]]:
                     f"{path}:{line_no}: {len(row)} columns where the header has {len(header)}. Fix that line."
                 )
             records.append(dict(zip(header, row, strict=True)))
-            lines.append(line_no)
+            locations.append(f"{path}:{line_no}")
     elif suffix in (".jsonl", ".json"):
-        try:
-            with path.open(encoding="utf-8") as fh:
-                for line_no, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except ValueError as exc:
-                        raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg}). Fix that line.") from None
-                    if not isinstance(obj, dict):
-                        raise DataError(
-                            f"{path}:{line_no}: a record must be a JSON object, found {type(obj).__name__}."
-                        )
-                    records.append({k: "" if v is None else str(v) for k, v in obj.items()})
-                    lines.append(line_no)
-        except UnicodeDecodeError as exc:
-            raise not_utf8(path, "RECORDS", exc) from None
+        for where, obj in json_rows(path, "RECORDS"):
+            records.append({k: "" if v is None else str(v) for k, v in obj.items()})
+            locations.append(where)
     else:
         raise DataError(f"RECORDS {path}: unknown file type {suffix or '(none)'}; use .csv or .jsonl.")
     if not records:
         raise DataError(f"RECORDS {path} holds no records; add rows below the header.")
-    return records, lines
+    return records, locations
 
 
 # --------------------------------------------------------------------------- pure
 
 
 def record_problem(
-    records: Sequence[Mapping[str, object]], templates: Sequence[QATemplate], source: str, lines: Sequence[int] | None
+    records: Sequence[Mapping[str, object]],
+    templates: Sequence[QATemplate],
+    source: str,
+    locations: Sequence[str] | None,
 ) -> str | None:
     """The first record that lacks a field a template uses, or has it empty, in words; None if all fit."""
     columns = set().union(*(r.keys() for r in records)) if records else set()
@@ -176,7 +166,7 @@ def record_problem(
     if not bad:
         return None
     i, name, why = bad[0]
-    where = f"{source}:{lines[i]}" if lines is not None else f"{source}, record {i + 1}"
+    where = locations[i] if locations is not None else f"{source}, record {i + 1}"
     user = next(t.kind for t in templates if name in t.fields())
     more = f" ({len(bad) - 1} more such values in other records or fields)" if len(bad) > 1 else ""
     action = "Add it to that record" if why == "missing" else "Fill it in"
@@ -191,13 +181,14 @@ def render_pairs(
     templates: Iterable[QATemplate],
     source: str = "records",
     prompt_format: str = PROMPT_FORMAT,
-    lines: Sequence[int] | None = None,
+    locations: Sequence[str] | None = None,
 ) -> list[dict[str, str]]:
     """One pair per record and template, duplicates removed, in a stable order.
 
-    A DataError names the first record (`source`:line, from `lines`) missing a used field or leaving it empty."""
+    A DataError names the first record missing a used field or leaving it empty, by its place in `locations`
+    ("file:line")."""
     templates = list(templates)
-    problem = record_problem(records, templates, source, lines)
+    problem = record_problem(records, templates, source, locations)
     if problem is not None:
         raise DataError(problem)
     seen: set[tuple[str, str]] = set()
@@ -315,9 +306,9 @@ def make_qa(
 ) -> MadeQA:
     """Write train/validation/test JSONL files of pairs; never over files this command did not write."""
     spec = load_template_file(template_path)
-    records, lines = read_records(records_path)
+    records, locations = read_records(records_path)
     pairs = render_pairs(
-        records, spec.to_templates(), source=str(records_path), prompt_format=spec.prompt_format, lines=lines
+        records, spec.to_templates(), source=str(records_path), prompt_format=spec.prompt_format, locations=locations
     )
     splits = split_pairs(pairs, validation, test, seed)
     if out_dir.exists() and not out_dir.is_dir():

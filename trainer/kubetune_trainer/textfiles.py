@@ -1,11 +1,14 @@
 """Reading text files row by row with errors that name the file and line: CSV records (a quoted value may
-span lines) and text that is not UTF-8. Shared by the trainer's data reader and `make-qa`; stdlib only."""
+span lines), JSON Lines objects, and text that is not UTF-8. Shared by the trainer's data reader and
+`make-qa`; stdlib only."""
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from kubetune_trainer.errors import DataError
 
@@ -42,5 +45,41 @@ def csv_records(file: Path, setting: str) -> Iterator[tuple[int, list[str]]]:
                     f"{setting}: {file}:{start}: not valid CSV ({exc}). Put values that hold commas, quotes or "
                     'line breaks in double quotes, with inner quotes doubled ("say ""hi""").'
                 ) from None
+    except UnicodeDecodeError as exc:
+        raise not_utf8(file, setting, exc) from None
+
+
+def json_rows(file: Path, setting: str) -> Iterator[tuple[str, Any]]:
+    """('file:line', row) for each row of a JSON Lines file (or 'file: element i' of a JSON array),
+    with the types the file gives them."""
+    try:
+        with file.open(encoding="utf-8") as fh:
+            head = fh.read(1024).lstrip()
+        if head.startswith("["):  # a JSON array, not JSON Lines
+            try:
+                rows = json.loads(file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{setting}: {file}:{exc.lineno}: invalid JSON ({exc.msg}).") from None
+            for i, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise DataError(f"{setting}: {file}: element {i} of the array is not an object.")
+                yield f"{file}: element {i}", row
+            return
+        with file.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(
+                        f"{setting}: {file}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}). "
+                        "Each line must hold one JSON object."
+                    ) from None
+                if not isinstance(row, dict):
+                    raise DataError(
+                        f"{setting}: {file}:{lineno}: expected a JSON object per line, found {type(row).__name__}."
+                    )
+                yield f"{file}:{lineno}", row
     except UnicodeDecodeError as exc:
         raise not_utf8(file, setting, exc) from None
