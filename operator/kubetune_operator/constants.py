@@ -103,6 +103,9 @@ REASON_QUOTA = "QuotaExceeded"  # a ResourceQuota keeps a Job, or a Job's pod, f
 REASON_POD_CREATE_FAILED = "PodCreateFailed"  # the Job controller cannot create the pod (see its FailedCreate Events)
 REASON_RETRYING = "Retrying"
 REASON_VOLUME_OF_EARLIER_RUN = "VolumeOfEarlierRun"  # the run's volume was kept from an earlier run of its name
+# The trainer refuses checkpoints or an adapter of another run on the volume: exit code 2, as any ConfigError,
+# told apart by this reason in its termination message ({"reason", "message"}).
+REASON_VOLUME_HOLDS_OTHER_RUN = trainer_errors.OtherRunError.reason
 # The messages of the lifecycle's reasons ({fields} are filled in where they are used). A failure's message is
 # composed in status.py from what was observed: the trainer's words, the limit it hit, the setting to change.
 MESSAGE_CREATING = "Creating the run's volume, config and prepare Job."
@@ -143,13 +146,6 @@ MESSAGE_VOLUME_OF_EARLIER_RUN = (
     "adapter again); with other ones the trainer refuses them and the run fails. To start afresh, delete this run and "
     "PersistentVolumeClaim {volume} before applying it again, or apply it under another name."
 )
-# The trainer's words for a volume that holds another run's checkpoints or adapter (kubetune_trainer.train:
-# find_resume, finished_run, check_output_dir); status.py adds what to do about it in a cluster.
-EARLIER_RUN_TEXTS = (
-    "holds checkpoints of a different run",
-    "holds a finished run trained with other",
-    "already holds the adapter of another run",
-)
 MESSAGE_INVALID_WHILE_RUNNING = (
     "{problem} The run is stopped (its Jobs suspended, its checkpoints kept). This can be undone: restore a valid "
     "spec and it resumes from its newest checkpoint."
@@ -171,5 +167,7 @@ IMAGE_PULL_GRACE_SECONDS = 300
 # case costs no request. KUBETUNE_POD_CREATE_GRACE_SECONDS overrides it.
 POD_CREATE_GRACE_SECONDS = 20.0
 EVENT_FAILED_CREATE = "FailedCreate"
+# The API server's words when a ResourceQuota refuses an object (a 403): a wait for room, not a refusal for good.
+QUOTA_EXCEEDED = "exceeded quota"
 # Kubelet waiting reasons of a container whose Secret/ConfigMap (env, hfTokenSecret) is missing.
 CONTAINER_CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")

@@ -47,7 +47,6 @@ from kubetune_operator.status import (
     PodLedger,
     PodView,
     awaits_pod,
-    controller_uid,
     derive,
     old_pods,
     pod_create_failure,
@@ -106,15 +105,18 @@ def observe(
     jobs, pods = kube.children(namespace, name, run.uid, pods=bool(previous.get("jobName")))
     memory.job_versions = {n: j["metadata"].get("resourceVersion", "") for n, j in jobs.items()}
     now = datetime.now(timezone.utc)
+    views = tuple(PodView.from_dict(p) for p in pods)
+    # By the controller's uid, not the job-name label: a replaced Job's pods carry the same name.
+    owned: defaultdict[str | None, list[PodView]] = defaultdict(list)
+    for pod in views:
+        owned[pod.owner_uid].append(pod)
 
     def job_view(component: str) -> JobView | None:
         job = jobs.get(resources.child_name(name, component))
         if job is None:
             return None
         uid = job["metadata"].get("uid")
-        # By the controller's uid, not the job-name label: a replaced Job's pods carry the same name.
-        owned = [p for p in pods if controller_uid(p) == uid]
-        view = JobView.from_dict(job, owned)
+        view = JobView.from_dict(job, owned.get(uid, ()))
         if uid and awaits_pod(view, now, grace):  # only then: most passes read no Events
             view = replace(view, create_failure=pod_create_failure(kube.failed_creates(namespace, uid), view))
         return view
@@ -136,26 +138,30 @@ def observe(
         now=now,
         volume=volume,
         output=output,
-        pods=tuple(PodView.from_dict(p) for p in pods),
+        pods=views,
         restarts=restarts,
     )
+
+
+def _suspend(kube: Kube, namespace: str, job: JobView | None, suspend: bool) -> JobView | None:
+    """Set an unfinished Job's spec.suspend, where it differs; return the Job as it now stands."""
+    if job is None or job.finished or job.suspended == suspend:
+        return job
+    kube.set_job_suspended(namespace, job.name, suspend)
+    return replace(job, suspended=suspend)
 
 
 def _stop(kube: Kube, namespace: str, obs: Observation) -> Observation:
     """Stop the run's unfinished Jobs. A Kueue Job is deleted, not suspended: Kueue starts any suspended Job
     whose workload it has admitted. Its pods get SIGTERM either way, and the trainer saves a checkpoint."""
-    train, prepare = obs.train, obs.prepare
-    if train is not None and not train.finished:
-        if train.kueue:
-            kube.delete_job(namespace, train.name)
-            obs = replace(obs, train=None)
-        elif not train.suspended:
-            kube.set_job_suspended(namespace, train.name, True)
-            obs = replace(obs, train=replace(train, suspended=True))
-    if prepare is not None and not prepare.finished and not prepare.suspended:
-        kube.set_job_suspended(namespace, prepare.name, True)
-        obs = replace(obs, prepare=replace(prepare, suspended=True))
-    return obs
+    train = obs.train
+    if train is not None and train.kueue and not train.finished:
+        kube.delete_job(namespace, train.name)
+        train = None
+    train, prepare = _suspend(kube, namespace, train, True), _suspend(kube, namespace, obs.prepare, True)
+    if train is obs.train and prepare is obs.prepare:
+        return obs
+    return replace(obs, train=train, prepare=prepare)
 
 
 def _create_base(kube: Kube, run: resources.RunRef, manifests: list[dict[str, Any]]) -> bool:
@@ -203,9 +209,8 @@ def act(
             return replace(obs, prepare=JobView(resources.child_name(run.name, c.PREPARE)), earlier_volume=earlier)
         # Suspended on request (its pod stops; preparing starts again on resume), or resumed: also after the
         # spec was invalid for a while.
-        if prepare.suspended != spec.suspend and not prepare.finished:
-            kube.set_job_suspended(ns, prepare.name, spec.suspend)
-            obs = replace(obs, prepare=replace(prepare, suspended=spec.suspend))
+        if (updated := _suspend(kube, ns, prepare, spec.suspend)) is not prepare:
+            obs = replace(obs, prepare=updated)
         return obs
     if train is None:
         if spec.suspend:
@@ -218,14 +223,12 @@ def act(
         return replace(obs, train=view)
     if train.finished:
         return obs
-    if spec.suspend and train.kueue:
-        kube.delete_job(ns, train.name)
-        return replace(obs, train=None)
-    # Suspend on request; unsuspending a queued Job is Kueue's decision, not ours.
-    want = spec.suspend or (train.suspended and train.kueue)
-    if want != train.suspended:
-        kube.set_job_suspended(ns, train.name, want)
-        obs = replace(obs, train=replace(train, suspended=want))
+    if spec.suspend:
+        obs = _stop(kube, ns, obs)
+        if obs.train is None:
+            return obs  # a Kueue Job is deleted; its replacement is made on resume
+    elif not train.kueue and (updated := _suspend(kube, ns, train, False)) is not train:
+        obs = replace(obs, train=updated)  # resumed; unsuspending a queued Job is Kueue's decision, not ours
     if (patch := resources.job_patch(train, spec, c.TRAIN, run_ended=False)) is not None:
         kube.patch_job(ns, train.name, patch)
     return obs
@@ -241,6 +244,11 @@ def expire(kube: Kube, namespace: str, obs: Observation) -> None:
 
 
 OPERATOR_FIELDS = set(api.TrainingRunStatus.OPERATOR_FIELDS)
+
+
+def with_operator_status(status: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+    """`status` with the operator's fields as in `mine` (those `mine` lacks removed); the trainer's kept."""
+    return {k: v for k, v in status.items() if k not in OPERATOR_FIELDS} | mine
 
 
 def status_patch(previous: dict[str, Any], derived: Derived) -> dict[str, Any] | None:
@@ -293,7 +301,7 @@ def reconcile(
     spec, invalid = validate(body.get("spec"), run.name)
     previous = dict(body.get("status") or {})
     if memory.status is not None:
-        previous = {k: v for k, v in previous.items() if k not in OPERATOR_FIELDS} | memory.status
+        previous = with_operator_status(previous, memory.status)
     obs = observe(kube, body, spec, invalid, memory, previous, settings.pod_create_grace_seconds)
     derived = derive(obs)
     if derived.retry:
@@ -338,7 +346,7 @@ def publish(
         return previous
     kube.patch_run_status(run.namespace, run.name, patch)
     memory.status = dict(derived.status)
-    body["status"] = merge_patch(body.get("status") or {}, patch)  # the cache the resync and metrics read
+    body["status"] = with_operator_status(body.get("status") or {}, derived.status)  # the cache resync and metrics read
     if (previous.get("phase"), previous.get("reason")) != derived.summary:
         warning = derived.phase == c.FAILED or derived.reason in c.WARNING_REASONS
         post_event(
@@ -347,20 +355,7 @@ def publish(
             reason=derived.reason or derived.phase,
             message=f"{derived.phase}: {derived.message}"[:1000],
         )
-    return {k: v for k, v in previous.items() if k not in OPERATOR_FIELDS} | derived.status
-
-
-def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """RFC 7386, as the API server applies the status patch: null removes a field."""
-    out = dict(target)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_patch(out[key], value)
-        else:
-            out[key] = value
-    return out
+    return with_operator_status(previous, derived.status)
 
 
 # --------------------------------------------------------------------------- operator state

@@ -18,6 +18,7 @@ from kubernetes.client import ApiException
 
 from kubetune_operator import api
 from kubetune_operator import constants as c
+from kubetune_operator.status import controller_uid, exceeds_quota
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,6 @@ def server_message(exc: ApiException) -> str:
         return str(exc.body or exc.reason or "")
 
 
-def _quota(exc: ApiException) -> bool:
-    return exc.status == 403 and "exceeded quota" in server_message(exc)
-
-
 class Kube:
     """The operator's API calls over one kubernetes ApiClient (sync; kopf runs sync handlers in threads)."""
 
@@ -97,6 +94,18 @@ class Kube:
         self.batch = kubernetes.client.BatchV1Api(client)
         self.rbac = kubernetes.client.RbacAuthorizationV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
+        # kind -> (create, read) of the children the operator makes.
+        self._verbs: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+            "PersistentVolumeClaim": (
+                self.core.create_namespaced_persistent_volume_claim,
+                self.core.read_namespaced_persistent_volume_claim,
+            ),
+            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
+            "ServiceAccount": (self.core.create_namespaced_service_account, self.core.read_namespaced_service_account),
+            "Role": (self.rbac.create_namespaced_role, self.rbac.read_namespaced_role),
+            "RoleBinding": (self.rbac.create_namespaced_role_binding, self.rbac.read_namespaced_role_binding),
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+        }
 
     def _dict(self, obj: Any) -> dict[str, Any]:
         return self.client.sanitize_for_serialization(obj)
@@ -109,20 +118,13 @@ class Kube:
         name whose children are still being garbage-collected), or by one being deleted; CreateRefused
         when the server refuses the object itself."""
         kind, meta = manifest["kind"], manifest["metadata"]
-        creators: dict[str, Callable[..., Any]] = {
-            "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
-            "ConfigMap": self.core.create_namespaced_config_map,
-            "ServiceAccount": self.core.create_namespaced_service_account,
-            "Role": self.rbac.create_namespaced_role,
-            "RoleBinding": self.rbac.create_namespaced_role_binding,
-            "Job": self.batch.create_namespaced_job,
-        }
+        create, _ = self._verbs[kind]
         try:
-            creators[kind](namespace=meta["namespace"], body=manifest)
+            create(namespace=meta["namespace"], body=manifest)
         except ApiException as exc:
             if exc.status == 409:
                 return self._check_existing(manifest)
-            if _quota(exc):
+            if exc.status == 403 and exceeds_quota(server_message(exc)):
                 raise ChildBlocked(
                     c.REASON_QUOTA, f"Cannot create {kind} {meta['name']} yet: {server_message(exc)}."
                 ) from exc
@@ -136,27 +138,17 @@ class Kube:
         """A 409: the object, if it is this run's; ChildBlocked if another owner holds the name. An object
         without owner (the volume that outlives runs) is the one to use, whoever made it."""
         meta = manifest["metadata"]
-        owner = next((r["uid"] for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
-        readers: dict[str, Callable[..., Any]] = {
-            "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
-            "ConfigMap": self.core.read_namespaced_config_map,
-            "ServiceAccount": self.core.read_namespaced_service_account,
-            "Role": self.rbac.read_namespaced_role,
-            "RoleBinding": self.rbac.read_namespaced_role_binding,
-            "Job": self.batch.read_namespaced_job,
-        }
+        owner = controller_uid(manifest)
+        _, read = self._verbs[manifest["kind"]]
         try:
-            found = self._dict(readers[manifest["kind"]](meta["name"], meta["namespace"]))
+            found = self._dict(read(meta["name"], meta["namespace"]))
         except ApiException as exc:
             if exc.status == 404:  # gone between the create and the read: the next pass creates it
                 raise ChildBlocked(c.REASON_BLOCKED, f"{manifest['kind']} {meta['name']} was just deleted.") from exc
             raise
-        theirs = next(
-            (r.get("uid") for r in found["metadata"].get("ownerReferences") or [] if r.get("controller")), None
-        )
         if owner is None:
             return found
-        if theirs != owner or found["metadata"].get("deletionTimestamp"):
+        if controller_uid(found) != owner or found["metadata"].get("deletionTimestamp"):
             raise ChildBlocked(
                 c.REASON_BLOCKED,
                 f"{manifest['kind']} {meta['name']} still exists from an earlier TrainingRun of this name (or is "
@@ -175,8 +167,7 @@ class Kube:
         jobs = {
             j["metadata"]["name"]: j
             for j in found
-            if not j["metadata"].get("deletionTimestamp")
-            and any(r.get("uid") == uid and r.get("controller") for r in j["metadata"].get("ownerReferences") or [])
+            if not j["metadata"].get("deletionTimestamp") and controller_uid(j) == uid
         }
         if not jobs and not pods:
             return {}, []  # spare the second request (new runs are most of a burst)
@@ -211,10 +202,9 @@ class Kube:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """API failures worth retrying: throttling, server errors, a full quota, and no connection at all. Not
-    client-side errors (the kubernetes client's own validation) nor other 4xx: retrying cannot fix them."""
-    if isinstance(exc, ChildBlocked):
-        return True
+    """API failures worth retrying: throttling, server errors, and no connection at all. Not client-side errors
+    (the kubernetes client's own validation) nor other 4xx: retrying cannot fix them. (A full quota, and a name
+    another owner holds, are ChildBlocked, which callers catch first.)"""
     if isinstance(exc, ApiException):
-        return exc.status == 429 or (exc.status or 0) >= 500 or _quota(exc)
+        return exc.status == 429 or (exc.status or 0) >= 500
     return isinstance(exc, OSError) or "MaxRetryError" in type(exc).__name__

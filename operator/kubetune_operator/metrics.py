@@ -21,7 +21,6 @@ from prometheus_client.registry import Collector
 from kubetune_operator import constants as c
 from kubetune_operator.kube import ChildBlocked
 
-PHASES = c.PHASES
 LABELS = ["namespace", "run"]
 
 # name -> (help, status.progress field) for the gauges read straight from the progress record.
@@ -58,9 +57,7 @@ RUN_SERIES: dict[str, str] = {
 }
 # The conditions that flip when the phase changes. Admitted is not one: Kueue admits a run that then waits
 # for GPUs, still Queued, and that run's clock must not start over. Other condition types do not count either.
-PHASE_CONDITIONS = frozenset(
-    {c.CONDITION_INITIALIZED, c.CONDITION_RUNNING, c.CONDITION_SUSPENDED, c.CONDITION_SUCCEEDED, c.CONDITION_FAILED}
-)
+PHASE_CONDITIONS = frozenset(c.CONDITION_TYPES) - {c.CONDITION_ADMITTED}
 COUNTERS = frozenset({"kubetune_run_restarts_total", "kubetune_run_non_finite_steps_total"})
 RUN_METRICS = ("kubetune_run_phase", *PROGRESS_GAUGES, *RUN_SERIES)
 OPERATOR_METRICS = ("kubetune_operator_reconciles_total", "kubetune_operator_reconcile_duration_seconds")
@@ -145,7 +142,7 @@ class RunCollector(Collector):
             meta = body.get("metadata") or {}
             labels = [meta.get("namespace", ""), meta.get("name", "")]
             samples = run_samples(body)
-            for p in PHASES:
+            for p in c.PHASES:
                 phase.add_metric([*labels, p], 1.0 if samples["phase"] == p else 0.0)
             for name, family in families.items():
                 if name in samples:

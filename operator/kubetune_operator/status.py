@@ -10,6 +10,7 @@ condition's lastTransitionTime changes only when its status does.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -36,6 +37,11 @@ def controller_uid(obj: dict[str, Any]) -> str | None:
     """The uid of the object's controller (its ownerReference with controller: true)."""
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
     return next((r.get("uid") for r in refs if r.get("controller")), None)
+
+
+def exceeds_quota(message: str) -> bool:
+    """The API server's refusal says a ResourceQuota is full: room may come, so it is a wait, not a failure."""
+    return c.QUOTA_EXCEEDED in message
 
 
 @dataclass(frozen=True)
@@ -114,10 +120,11 @@ class JobView:
     ttl_seconds_after_finished: int | None = None
 
     @classmethod
-    def from_dict(cls, job: dict[str, Any], pods: list[dict[str, Any]]) -> JobView:
+    def from_dict(cls, job: dict[str, Any], pods: Iterable[PodView] = ()) -> JobView:
+        """The Job, with its pods (those it controls), oldest first."""
         status = job.get("status") or {}
         spec = job.get("spec") or {}
-        views = sorted((PodView.from_dict(p) for p in pods), key=lambda p: (p.created or "", p.name))
+        views = sorted(pods, key=lambda p: (p.created or "", p.name))
         return cls(
             name=job["metadata"]["name"],
             suspended=bool(spec.get("suspend")),
@@ -229,14 +236,22 @@ def started(obs: Observation) -> bool:
     return obs.prepare is not None or obs.train is not None or prepared(obs)
 
 
+def _pod_due_since(job: JobView) -> datetime | None:
+    """Since when the Job's next pod is due: its creation, its last start (a resumed Job's startTime moves) or
+    its newest pod's creation, whichever is latest. Older FailedCreate Events were about an attempt that has
+    since got its pod."""
+    times = (_parse_time(t) for t in (job.created, job.start_time, *(p.created for p in job.pods)))
+    return max((t for t in times if t is not None), default=None)
+
+
 def awaits_pod(job: JobView, now: datetime, grace: float) -> bool:
-    """The Job should have a live pod by now and has none: `grace` seconds after it was made or resumed (a
-    resumed Job's startTime moves), it is not suspended, not finished. Then the Job controller may be failing to
-    create the pod, and only its Events say why (a full ResourceQuota, a missing PriorityClass, an admission
-    webhook or PodSecurity denial). A pod between restarts (the Job's backoff) also has none for a while."""
+    """The Job should have a live pod by now and has none: `grace` seconds after it was due (_pod_due_since),
+    it is not suspended, not finished. Then the Job controller may be failing to create the pod, and only its
+    Events say why (a full ResourceQuota, a missing PriorityClass, an admission webhook or PodSecurity denial).
+    A pod between restarts (the Job's backoff) also has none for a while."""
     if job.suspended or job.finished or job.live_pods:
         return False
-    since = max((t for t in (_parse_time(job.created), _parse_time(job.start_time)) if t is not None), default=None)
+    since = _pod_due_since(job)
     return since is not None and (now - since).total_seconds() >= grace
 
 
@@ -247,10 +262,8 @@ def _event_time(event: dict[str, Any]) -> datetime | None:
 
 
 def pod_create_failure(events: list[dict[str, Any]], job: JobView) -> str | None:
-    """The message of the Job's latest FailedCreate Event that is not older than its last start and its newest
-    pod (older ones were about an attempt that has since got its pod), or None."""
-    times = (_parse_time(t) for t in (job.created, job.start_time, *(p.created for p in job.pods)))
-    floor = max((t for t in times if t is not None), default=None)
+    """The message of the Job's latest FailedCreate Event since its next pod was due (_pod_due_since), or None."""
+    floor = _pod_due_since(job)
     dated = [(when, e) for e in events if (when := _event_time(e)) is not None and (floor is None or when >= floor)]
     if not dated:
         return None
@@ -273,6 +286,16 @@ def trainer_message(pod: PodView) -> str:
         return " | ".join(lines[-3:])
 
 
+def trainer_reason(pod: PodView) -> str | None:
+    """The machine-readable reason in the trainer's termination message (JSON {"reason", "message"}), or None."""
+    try:
+        parsed = json.loads(pod.message or "")
+    except ValueError:
+        return None
+    reason = parsed.get("reason") if isinstance(parsed, dict) else None
+    return reason if isinstance(reason, str) else None
+
+
 def _last_failure(job: JobView) -> PodView | None:
     failures = [p for p in job.failed_pods if not p.disrupted]
     return failures[-1] if failures else None
@@ -284,7 +307,7 @@ def _while_kept(spec: api.TrainingRunSpec) -> str:
     return "" if ttl is None else f" within ttlSecondsAfterFinished={ttl}s, while the failed Job is kept"
 
 
-def _after_trainer(reason: str, words: str, obs: Observation) -> str:
+def _after_trainer(reason: str, obs: Observation) -> str:
     """What to do in a cluster after the trainer's own words (written for a local run, where the config can
     change and the run can simply be started again): a TrainingRun's spec is fixed, and a failed run stays
     failed. Its volume is kept (unless storage.deleteWithRun), and a run applied again under the same name
@@ -292,12 +315,13 @@ def _after_trainer(reason: str, words: str, obs: Observation) -> str:
     spec = obs.spec
     assert spec is not None
     claim = spec.storage.existing_claim
-    folder = f"runs/{obs.name}/ on claim {obs.volume}" if claim else f"volume {obs.volume}"
-    if reason == c.REASON_INVALID_SPEC and any(text in words for text in c.EARLIER_RUN_TEXTS):
+    own = f"{c.RUNS_DIR}/{obs.name}/"  # the run's folder on a shared claim (resources.run_config)
+    folder = f"{own} on claim {obs.volume}" if claim else f"volume {obs.volume}"
+    if reason == c.REASON_VOLUME_HOLDS_OTHER_RUN:
         where = (
-            f"This run's folder runs/{obs.name}/ on claim {obs.volume} holds the files of an earlier TrainingRun "
-            f"named {obs.name}, and the spec (checkpoints.dir, output.dir) is fixed. Apply this spec under another "
-            f"name, or delete this run, remove runs/{obs.name}/ from the claim and apply it again"
+            f"This run's folder {folder} holds the files of an earlier TrainingRun named {obs.name}, and the spec "
+            "(checkpoints.dir, output.dir) is fixed. Apply this spec under another name, or delete this run, "
+            f"remove {own} from the claim and apply it again"
             if claim
             else f"Volume {obs.volume} was kept from an earlier TrainingRun named {obs.name}, and the spec "
             "(checkpoints.dir, output.dir) is fixed. Apply this spec under another name, or delete this run and "
@@ -339,9 +363,10 @@ def failure(job: JobView, obs: Observation, component: str) -> tuple[str, str]:
     pod = _last_failure(job)
     if pod is not None and pod.exit_code in c.FAILJOB_EXIT_CODES:
         reason = c.FAILJOB_EXIT_CODES[pod.exit_code]
-        words = trainer_message(pod)
-        detail = words or f"{where.capitalize()} exited with code {pod.exit_code}."
-        return reason, f"{detail.rstrip()} {_after_trainer(reason, words, obs)}"
+        if reason == c.REASON_INVALID_SPEC and trainer_reason(pod) == c.REASON_VOLUME_HOLDS_OTHER_RUN:
+            reason = c.REASON_VOLUME_HOLDS_OTHER_RUN  # a ConfigError too (exit 2), that names what to do here
+        detail = trainer_message(pod) or f"{where.capitalize()} exited with code {pod.exit_code}."
+        return reason, f"{detail.rstrip()} {_after_trainer(reason, obs)}"
     if pod is not None and pod.terminated_reason == "OOMKilled":
         setting, limit = (
             ("memory", spec.resources.memory)
@@ -436,7 +461,7 @@ def _create_failed(job: JobView, component: str, waiting_phase: str) -> Verdict:
     """The Job controller cannot create the pod: its FailedCreate Event says why."""
     said = (job.create_failure or "").rstrip(".")
     head = f"The Job controller cannot create the {component} pod: {said}."
-    if "exceeded quota" in said:
+    if exceeds_quota(said):
         return Verdict(
             waiting_phase,
             c.REASON_QUOTA,
@@ -588,7 +613,7 @@ def _phase(obs: Observation) -> Verdict:
         if train.running_pods:
             return Verdict(c.SUSPENDED, c.REASON_SUSPENDING, c.MESSAGE_SUSPENDING)
         return Verdict(c.SUSPENDED, c.REASON_SUSPENDED, c.MESSAGE_SUSPENDED)
-    if train.suspended and (train.kueue or spec.queue_name):
+    if train.suspended and spec.queue_name:  # fixed, so the Job carries Kueue's label (train.kueue) too
         return Verdict(c.QUEUED, c.REASON_KUEUE, c.MESSAGE_KUEUE.format(queue=spec.queue_name))
     for pod in train.pending_pods:
         if (verdict := _pending(pod, obs, c.TRAIN, c.QUEUED)) is not None:
@@ -649,15 +674,10 @@ class PodLedger:
         return len(self.restarted)
 
 
-def _queued(obs: Observation) -> bool:
-    """A Kueue run: its conditions include Admitted."""
-    if obs.spec is not None:
-        return bool(obs.spec.queue_name)
-    return any(cond.get("type") == c.CONDITION_ADMITTED for cond in obs.previous.get("conditions") or [])
-
-
 def _conditions(obs: Observation, phase: str, reason: str, message: str, now: str) -> list[dict[str, Any]]:
     previous = {cond.get("type"): cond for cond in obs.previous.get("conditions") or []}
+    # A Kueue run has Admitted: one with a queueName (fixed), or, its spec invalid now, one that had it.
+    queued = bool(obs.spec.queue_name) if obs.spec is not None else c.CONDITION_ADMITTED in previous
     if phase in c.TERMINAL and c.CONDITION_ADMITTED in previous:
         admitted = previous[c.CONDITION_ADMITTED].get("status") == "True"  # the Job may be gone (TTL); what was, stays
     else:
@@ -672,7 +692,7 @@ def _conditions(obs: Observation, phase: str, reason: str, message: str, now: st
     }
     out = []
     for kind in c.CONDITION_TYPES:
-        if kind == c.CONDITION_ADMITTED and not _queued(obs):
+        if kind == c.CONDITION_ADMITTED and not queued:
             continue
         status = "True" if truth[kind] else "False"
         before = previous.get(kind)

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_operator import constants as c
 from kubetune_operator.kube import ChildBlocked
-from kubetune_operator.metrics import PHASES, OperatorMetrics, run_samples
+from kubetune_operator.metrics import OperatorMetrics, run_samples
 
 T0 = datetime(2026, 11, 22, 10, tzinfo=timezone.utc)
 
@@ -163,11 +163,11 @@ def scrape(metrics: OperatorMetrics) -> dict[tuple[str, tuple[tuple[str, str], .
     }
 
 
-@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("phase", c.PHASES)
 def test_the_phase_is_a_state_set_of_all_seven(phase: str) -> None:
     samples = scrape(OperatorMetrics(lambda: [make_run(phase)]))
     states = {dict(labels)["phase"]: v for (name, labels), v in samples.items() if name == "kubetune_run_phase"}
-    assert states == {p: (1.0 if p == phase else 0.0) for p in PHASES}
+    assert states == {p: (1.0 if p == phase else 0.0) for p in c.PHASES}
 
 
 def test_the_collector_labels_each_run_and_a_deleted_run_vanishes() -> None:

@@ -42,6 +42,44 @@ POD_RESOURCES = ("", "pods")
 JOB_RESOURCES = ("batch", "jobs")
 
 
+def quota_refusal(what: str, key: str, requested: int, used: int, hard: int, quota: str = "gpu-quota") -> str:
+    """The API server's words when ResourceQuota `quota` refuses `what` (e.g. 'pods "x"')."""
+    return (
+        f"{what} is forbidden: exceeded quota: {quota}, requested: {key}={requested}, used: {key}={used}, "
+        f"limited: {key}={hard}"
+    )
+
+
+def failed_create(server: ApiServer, job: dict[str, Any], message: str) -> None:
+    """The Job controller's Event for a pod it could not create (aggregated: the same message again counts one
+    more on the Event). Call on the server's loop (ApiServer.call)."""
+    meta = job["metadata"]
+    events = server.resource("", "events")
+    found = server.list(events, meta["namespace"], fields=f"involvedObject.uid={meta['uid']},reason=FailedCreate")
+    text = f"Error creating: {message}"
+    if found and found[-1].get("message") == text:
+        counted = lambda o: {**o, "count": o.get("count", 1) + 1, "lastTimestamp": now_iso()}  # noqa: E731
+        server.update(events, meta["namespace"], found[-1]["metadata"]["name"], counted)
+        return
+    involved = {"kind": "Job", "apiVersion": "batch/v1", "namespace": meta["namespace"], "name": meta["name"]}
+    server.create(
+        events,
+        meta["namespace"],
+        {
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}"},
+            "involvedObject": {**involved, "uid": meta["uid"], "resourceVersion": meta["resourceVersion"]},
+            "reason": "FailedCreate",
+            "type": "Warning",
+            "message": text,
+            "count": 1,
+            "firstTimestamp": now_iso(),
+            "lastTimestamp": now_iso(),
+            "source": {"component": "job-controller"},
+            "reportingComponent": "job-controller",
+        },
+    )
+
+
 @dataclass
 class Process:
     pod: str  # namespace/name
@@ -373,41 +411,8 @@ class JobRunner:
                     used[key] = used.get(key, 0) + value
         for key, hard in self.quota.items():
             if key in wanted and used.get(key, 0) + wanted[key] > hard:
-                return (
-                    f'pods "{name}" is forbidden: exceeded quota: gpu-quota, requested: {key}={wanted[key]}, '
-                    f"used: {key}={used.get(key, 0)}, limited: {key}={hard}"
-                )
+                return quota_refusal(f'pods "{name}"', key, wanted[key], used.get(key, 0), hard)
         return None
-
-    def _failed_create(self, job: dict[str, Any], message: str) -> None:
-        """The Job controller's Event for a pod it could not create (aggregated: one Event, counted)."""
-        meta = job["metadata"]
-        events = self.server.resource("", "events")
-        found = self.server.list(
-            events, meta["namespace"], fields=f"involvedObject.uid={meta['uid']},reason=FailedCreate"
-        )
-        text = f"Error creating: {message}"
-        if found and found[-1].get("message") == text:
-            counted = lambda o: {**o, "count": o.get("count", 1) + 1, "lastTimestamp": now_iso()}  # noqa: E731
-            self.server.update(events, meta["namespace"], found[-1]["metadata"]["name"], counted)
-            return
-        involved = {"kind": "Job", "apiVersion": "batch/v1", "namespace": meta["namespace"], "name": meta["name"]}
-        self.server.create(
-            events,
-            meta["namespace"],
-            {
-                "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}"},
-                "involvedObject": {**involved, "uid": meta["uid"], "resourceVersion": meta["resourceVersion"]},
-                "reason": "FailedCreate",
-                "type": "Warning",
-                "message": text,
-                "count": 1,
-                "firstTimestamp": now_iso(),
-                "lastTimestamp": now_iso(),
-                "source": {"component": "job-controller"},
-                "reportingComponent": "job-controller",
-            },
-        )
 
     def _create_pod(self, job: dict[str, Any], pods: Any) -> bool:
         """Create the Job's next pod; False when the API server refuses it (a FailedCreate Event says why)."""
@@ -437,7 +442,7 @@ class JobRunner:
             "spec": template["spec"],
         }
         if (refused := self._over_quota(job, pods, pod["metadata"]["name"])) is not None:
-            self._failed_create(job, refused)
+            failed_create(self.server, job, refused)
             self._create_failed.add(meta["uid"])  # tried again soon, as the Job controller does with backoff
             return False
         self._create_failed.discard(meta["uid"])

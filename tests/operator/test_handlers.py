@@ -24,6 +24,7 @@ from kubetune_operator.handlers import RunMemory, reconcile
 from kubetune_operator.kube import ChildBlocked, CreateRefused, Kube, is_transient
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.resources import OperatorSettings
+from tests.operator import jobrunner
 from tests.operator.emulator import ApiServer, merge_patch, now_iso
 
 NS = "ml"
@@ -346,32 +347,9 @@ def test_suspending_while_preparing_suspends_the_prepare_job_and_resuming_goes_o
 
 
 def failed_create(server: ApiServer, job: dict[str, Any], message: str, count: int = 1) -> None:
-    """What the Job controller posts when the API server refuses its pod."""
-    meta = job["metadata"]
-    event = {
-        "metadata": {"name": f"{meta['name']}.{next(_names)}", "namespace": NS},
-        "involvedObject": {
-            "kind": "Job",
-            "apiVersion": "batch/v1",
-            "name": meta["name"],
-            "namespace": NS,
-            "uid": meta["uid"],
-        },
-        "reason": c.EVENT_FAILED_CREATE,
-        "type": "Warning",
-        "message": message,
-        "count": count,
-        "firstTimestamp": now_iso(),
-        "lastTimestamp": now_iso(),
-        "source": {"component": "job-controller"},
-    }
-    server.call(lambda: server.create(server.resource("", "events"), NS, event))
-
-
-QUOTA = (
-    'Error creating: pods "{pod}" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1, '
-    "used: requests.nvidia.com/gpu=8, limited: requests.nvidia.com/gpu=8"
-)
+    """What the Job controller posts when the API server refuses the Job's pod, `count` times."""
+    for _ in range(count):
+        server.call(lambda: jobrunner.failed_create(server, job, message))
 
 
 def test_a_pod_the_job_controller_cannot_create_is_explained_from_its_failed_create_event(server, kube):
@@ -382,8 +360,9 @@ def test_a_pod_the_job_controller_cannot_create_is_explained_from_its_failed_cre
     train = run.job(c.TRAIN)
     other = Run(server, kube)  # another run's Job, and an Event of it, are not this one's
     other.reconcile()
-    failed_create(server, other.job(c.PREPARE), "Error creating: somebody else's", count=9)
-    failed_create(server, train, QUOTA.format(pod=f"{run.name}-train-abcde"))
+    failed_create(server, other.job(c.PREPARE), "somebody else's", count=9)
+    refusal = jobrunner.quota_refusal(f'pods "{run.name}-train-abcde"', "requests.nvidia.com/gpu", 1, 8, 8)
+    failed_create(server, train, refusal)
     assert run.reconcile().summary == (c.QUEUED, c.REASON_STARTING), "within the grace: no Event is read"
     assert not run.made("GET", r"/events$")
     now = replace(SETTINGS, pod_create_grace_seconds=0)  # the grace has passed
@@ -617,13 +596,11 @@ def error(status: int, message: str = "") -> ApiException:
         (error(500), True),
         (error(503), True),
         (error(429), True),
-        (error(403, 'pods "x" is forbidden: exceeded quota: gpus'), True),
         (error(403, "forbidden"), False),
         (error(409), False),
         (error(422), False),
         (ApiTypeError("Got an unexpected keyword argument"), False),
         (ConnectionRefusedError(), True),
-        (ChildBlocked(c.REASON_BLOCKED, "x"), True),
         (CreateRefused("Job", "x", 422, "bad"), False),
     ],
 )
@@ -652,7 +629,7 @@ def test_a_run_applied_again_under_its_name_starts_afresh_when_the_operator_miss
 def test_a_run_waiting_on_a_full_quota_is_counted_as_waiting_not_as_an_operator_error(server, kube, memo):
     """A ResourceQuota is the user's side: KubetuneOperatorReconcileErrors must not fire for it."""
     run = Run(server, kube)
-    quota = 'jobs.batch "x" is forbidden: exceeded quota: team-a, requested: count/jobs.batch=1, used: 10, limited: 10'
+    quota = jobrunner.quota_refusal('jobs.batch "x"', "count/jobs.batch", 1, 10, 10, quota="team-a")
     server.call(lambda: server.fail("POST", rf"/namespaces/{NS}/jobs$", status=403, times=2, message=quota))
     with pytest.raises(kopf.TemporaryError):
         on_run(run, memo)

@@ -20,6 +20,7 @@ from kubetune_operator.status import (
     derive,
     pod_create_failure,
 )
+from tests.operator.jobrunner import quota_refusal
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 SPEC = {"model": {"nameOrPath": "m"}, "dataset": {"path": "d.jsonl"}}
@@ -106,7 +107,7 @@ def job(
             "spec": {"suspend": suspended, **(spec or {})},
             "status": {"conditions": conditions, **(status or {})},
         },
-        list(pods),
+        [PodView.from_dict(p) for p in pods],
     )
 
 
@@ -141,20 +142,27 @@ def trainer_says(reason: str, message: str) -> str:
     return json.dumps({"reason": reason, "message": message})
 
 
-def train_failed(code: int, message: str, reason: str = "PodFailurePolicy", condition: str = "Failed") -> JobView:
-    """A training Job that failed on its pod's exit code (a FailJob rule)."""
-    words = trainer_says(c.FAILJOB_EXIT_CODES[code], message)
+def train_failed(
+    code: int, message: str, reason: str = "PodFailurePolicy", condition: str = "Failed", said: str | None = None
+) -> JobView:
+    """A training Job that failed on its pod's exit code (a FailJob rule); the trainer's reason is `said`, else
+    the exit code's."""
+    words = trainer_says(said or c.FAILJOB_EXIT_CODES[code], message)
     return job("r-train", pod("Failed", exit_code=code, message=words), condition=condition, condition_reason=reason)
 
 
-# The trainer's own words (kubetune_trainer.train), which status.py recognises by c.EARLIER_RUN_TEXTS.
-EARLIER_CHECKPOINTS = (
+# The trainer refuses another run's files on the volume: exit 2, as any ConfigError, with its own reason.
+EARLIER_CHECKPOINTS = train_failed(
+    2,
     "checkpoints.dir=checkpoints holds checkpoints of a different run (model settings differ from checkpoint-40). "
-    "Use another checkpoints.dir for this config, or restore those settings to resume that run."
+    "Use another checkpoints.dir for this config, or restore those settings to resume that run.",
+    said=c.REASON_VOLUME_HOLDS_OTHER_RUN,
 )
-EARLIER_ADAPTER = (
+EARLIER_ADAPTER = train_failed(
+    2,
     "output.dir: output already holds the adapter of another run (its config.yaml differs from this one). Choose "
-    "another output.dir (--set output.dir=...) or move that run away first."
+    "another output.dir (--set output.dir=...) or move that run away first.",
+    said=c.REASON_VOLUME_HOLDS_OTHER_RUN,
 )
 VOLUME_FULL = train_failed(
     5,
@@ -162,10 +170,7 @@ VOLUME_FULL = train_failed(
     "checkpoint-30 and older checkpoints are intact. Free space, lower checkpoints.keep, or enlarge the volume, "
     "then run again to resume.",
 )
-QUOTA = (
-    'Error creating: pods "r-train-x7k2p" is forbidden: exceeded quota: gpu-quota, requested: '
-    "requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=8, limited: requests.nvidia.com/gpu=8"
-)
+QUOTA = "Error creating: " + quota_refusal('pods "r-train-x7k2p"', "requests.nvidia.com/gpu", 1, 8, 8)
 NO_PRIORITY_CLASS = 'Error creating: pods "r-prepare-a1b2c" is forbidden: no PriorityClass with name high was found'
 
 
@@ -344,24 +349,26 @@ CASES = {
     # A run applied again under a deleted run's name, with another model: its kept volume holds the old run's
     # checkpoints. The trainer says to use another checkpoints.dir, which a TrainingRun cannot change.
     "the kept volume holds an earlier run's checkpoints": (
-        observe(PREPARED, train_failed(2, EARLIER_CHECKPOINTS)),
+        observe(PREPARED, EARLIER_CHECKPOINTS),
         c.FAILED,
-        c.REASON_INVALID_SPEC,
+        c.REASON_VOLUME_HOLDS_OTHER_RUN,
         "Volume r-workspace was kept from an earlier TrainingRun named r, and the spec (checkpoints.dir, output.dir) "
         "is fixed. Apply this spec under another name, or delete this run and PersistentVolumeClaim r-workspace "
         "(kubectl delete trainingrun r; kubectl delete pvc r-workspace) and apply it again",
     ),
     "the kept volume holds an earlier run's adapter": (
-        observe(PREPARED, train_failed(2, EARLIER_ADAPTER)),
+        observe(PREPARED, EARLIER_ADAPTER),
         c.FAILED,
-        c.REASON_INVALID_SPEC,
+        c.REASON_VOLUME_HOLDS_OTHER_RUN,
         "delete this run and PersistentVolumeClaim r-workspace",
     ),
     "a shared claim holds an earlier run's checkpoints in the run's folder": (
-        observe(PREPARED, train_failed(2, EARLIER_CHECKPOINTS), spec=make_spec(storage={"existingClaim": "team"})),
+        observe(PREPARED, EARLIER_CHECKPOINTS, spec=make_spec(storage={"existingClaim": "team"})),
         c.FAILED,
-        c.REASON_INVALID_SPEC,
-        "Apply this spec under another name, or delete this run, remove runs/r/ from the claim and apply it again",
+        c.REASON_VOLUME_HOLDS_OTHER_RUN,
+        "This run's folder runs/r/ on claim r-workspace holds the files of an earlier TrainingRun named r, and the "
+        "spec (checkpoints.dir, output.dir) is fixed. Apply this spec under another name, or delete this run, "
+        "remove runs/r/ from the claim and apply it again",
     ),
     "a trainer config error: fixed in a new run": (
         observe(PREPARED, train_failed(2, "dataset.path: file not found: data/x.jsonl")),
@@ -745,7 +752,9 @@ def test_the_job_controllers_failed_create_events_are_read_only_for_a_job_withou
     assert not awaits_pod(replace(made, created=ago(5), start_time=None), NOW, grace=20), "just made"
     assert not awaits_pod(replace(made, suspended=True), NOW, grace=20), "suspended: no pod is due (Kueue's wait)"
     assert not awaits_pod(replace(made, pods=(PodView.from_dict(pod("Pending")),)), NOW, grace=20)
-    assert awaits_pod(replace(made, pods=(PodView.from_dict(pod("Failed", exit_code=1)),)), NOW, grace=20)
+    assert awaits_pod(replace(made, pods=(PodView.from_dict(pod("Failed", exit_code=1, age=30)),)), NOW, grace=20)
+    between = replace(made, pods=(PodView.from_dict(pod("Failed", exit_code=1, age=10)),))
+    assert not awaits_pod(between, NOW, grace=20), "counted from the newest pod too: the Job's backoff between pods"
     done = job("r-train", condition="Complete")
     assert not awaits_pod(replace(done, created=ago(60)), NOW, grace=20)
 
@@ -904,12 +913,8 @@ def test_pod_view_reads_a_real_pod_status():
     assert (view.exit_code, view.terminated_reason, view.disrupted) == (3, "Error", False)
 
 
-def test_the_trainer_still_says_the_words_the_operator_recognises():
-    """status.py adds cluster advice when the trainer refuses an earlier run's files: a contract in words."""
-    import inspect
+def test_the_trainers_refusal_of_another_runs_files_exits_as_a_config_error():
+    """status.py tells it from other exit-2 failures by the reason in the termination message."""
+    from kubetune_trainer.errors import OtherRunError
 
-    from kubetune_trainer import train
-
-    source = " ".join(inspect.getsource(train).split())
-    missing = [text for text in c.EARLIER_RUN_TEXTS if text not in source]
-    assert not missing, f"kubetune_trainer.train no longer says {missing}: update constants.EARLIER_RUN_TEXTS"
+    assert c.FAILJOB_EXIT_CODES[OtherRunError.exit_code] == c.REASON_INVALID_SPEC

@@ -193,7 +193,7 @@ def test_the_report_files_and_status(adapted, tokenizer, tmp_path):
     ev.write_report(report, tmp_path)
     body = json.loads((tmp_path / "eval.json").read_text())
     assert body["base"] is None and body["delta"] is None
-    assert set(body["finetuned"]) == set(ev.HIGHER_IS_BETTER)
+    assert set(body["finetuned"]) == set(ev.METRICS)
     lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == report.generated and "base_prediction" not in json.loads(lines[0])
     status = report.status()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune_trainer.errors import ConfigError, PreflightError
+from kubetune_trainer.errors import ConfigError, OtherRunError, PreflightError
 from kubetune_trainer.train import ValidationTracker, finish, run, setup, train
 
 
@@ -304,7 +304,7 @@ def test_output_of_another_run_is_never_overwritten(make_config):
     run(first, sinks=[])
     adapter = Path(first.output.dir) / "adapter_model.safetensors"
     before = adapter.read_bytes()
-    with pytest.raises(ConfigError, match="already holds the adapter of another run"):
+    with pytest.raises(OtherRunError, match="already holds the adapter of another run"):  # reason VolumeHoldsOtherRun
         setup(make_config(**{"training.maxSteps": 2, "lora.r": 4}), sinks=[])  # another adapter: another run
     assert adapter.read_bytes() == before
     # The same config again is a rerun, not another run; so is one with more steps (it continues training).

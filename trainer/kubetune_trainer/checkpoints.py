@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kubetune_trainer import contract
 from kubetune_trainer.errors import ConfigError, PreflightError
 
 log = logging.getLogger(__name__)
@@ -126,14 +127,22 @@ def _seal(file: Path, chunk: int = 1 << 20) -> dict[str, Any]:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
+def write_atomic(path: Path, text: str, *, durable: bool = False) -> None:
+    """Replace `path` with `text` in one rename: a reader, or a kill, sees the old file or the new one, whole.
+    durable: fsync the file and its directory too (the rename survives a power loss)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    if durable:
+        fsync_path(tmp)
+    os.replace(tmp, path)
+    if durable:
+        fsync_path(path.parent)
+
+
 def write_manifest(staging: Path, manifest: dict[str, Any]) -> None:
     """The last write of a save: until it is in place the checkpoint does not count.
     (Tests that kill a process in the middle of a save pause here.)"""
-    tmp = staging / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    fsync_path(tmp)
-    os.replace(tmp, staging / MANIFEST)
-    fsync_path(staging)
+    write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, allow_nan=False) + "\n", durable=True)
 
 
 def commit(
@@ -149,9 +158,8 @@ def commit(
     """Seal a staged checkpoint: kubetune state, fsync, manifest last, rename into place."""
     (staging / STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     files = _files(staging)
-    entries = {file.relative_to(staging).as_posix(): _seal(file) for file in files}
-    for directory in sorted({f.parent for f in files}, key=lambda p: len(p.parts), reverse=True):
-        fsync_path(directory)
+    entries = {file.relative_to(staging).as_posix(): _seal(file) for file in files}  # fsynced as they are hashed
+    _fsync_deepest_first({f.parent for f in files})
     if eval_loss is not None and not math.isfinite(eval_loss):
         eval_loss = None  # manifest.json stays strict JSON; a NaN evaluation is no one's best
     write_manifest(
@@ -184,6 +192,20 @@ def commit(
         staging.parent.rmdir()  # .staging, if nothing else is being staged
     fsync_path(root)
     return Checkpoint(final, step, epoch, eval_loss, fingerprint)
+
+
+def _fsync_deepest_first(directories: set[Path]) -> None:
+    for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
+        fsync_path(directory)
+
+
+def fsync_tree(root: Path) -> None:
+    """Make a freshly written tree durable before it is renamed into place: every file, then every directory
+    from the deepest up (a directory's fsync makes the names in it durable)."""
+    files = _files(root)
+    for file in files:
+        fsync_path(file)
+    _fsync_deepest_first({f.parent for f in files} | {root})
 
 
 def make_dirs(path: Path) -> None:
@@ -231,23 +253,35 @@ def exclusive(root: Path) -> Iterator[None]:
         yield  # the lock goes with the file's close
 
 
+def unmarked_files(directory: Path, marker: str) -> set[str]:
+    """Names in `directory` when this tool has not marked it as its own; empty when marked, empty or absent."""
+    if not directory.is_dir() or (directory / marker).exists():
+        return set()
+    return {p.name for p in directory.iterdir()}
+
+
+def mark_dir(directory: Path, marker: str, note: str) -> None:
+    """Make `directory` (durably) and mark it as this tool's, so a later run may replace what it wrote there."""
+    make_dirs(directory)
+    (directory / marker).write_text(note + "\n", encoding="utf-8")
+
+
 OUTPUT_MARKER = ".kubetune-output"
-# What kubetune writes to output.dir: a directory holding only these (and no marker) is an earlier
-# version's output, not a user's folder.
+# What kubetune writes to output.dir (and the tokenizer's files): a directory holding only these, and no
+# marker, is an earlier version's output, not a user's folder.
 _OUTPUT_NAMES = frozenset(
     {
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "config.yaml",
-        "metrics.json",
-        "log_history.json",
-        "loss_curves.png",
-        "preflight.json",
-        "progress.jsonl",
-        "high_loss_samples.jsonl",
-        "eval.json",
-        "predictions.jsonl",
-        "README.md",
+        *contract.ADAPTER_FILES,
+        contract.CONFIG_FILE,
+        contract.METRICS_FILE,
+        contract.LOG_HISTORY_FILE,
+        contract.LOSS_CURVES_FILE,
+        contract.PREFLIGHT_FILE,
+        contract.PROGRESS_FILE,
+        contract.HIGH_LOSS_FILE,
+        contract.EVAL_FILE,
+        contract.PREDICTIONS_FILE,
+        "README.md",  # peft's model card
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",
@@ -263,22 +297,18 @@ def claim_output_dir(out: Path) -> None:
     """Make output.dir this tool's before the first write into it: new or empty, it is marked as ours; marked,
     it is ours; anything else is a user's folder, whose files (a config.yaml, a README.md) an export would
     replace, and is refused. A file or an unwritable path is left to preflight's disk.output check."""
+    names = {n for n in unmarked_files(out, OUTPUT_MARKER) if not n.startswith(".export-")}
+    earlier_output = names <= _OUTPUT_NAMES and bool(names & {contract.METRICS_FILE, contract.PREFLIGHT_FILE})
+    if names and not earlier_output:
+        shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(
+            f"output.dir={out} holds files kubetune did not write ({shown}); an export would replace some of "
+            "them. Point output.dir at a new or empty directory (--set output.dir=...)."
+        )
     if out.exists() and not out.is_dir():
         return
-    if out.is_dir() and not (out / OUTPUT_MARKER).exists():
-        names = {p.name for p in out.iterdir() if not p.name.startswith(".export-")}
-        earlier_output = names <= _OUTPUT_NAMES and bool(names & {"metrics.json", "preflight.json"})
-        if names and not earlier_output:
-            shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
-            raise ConfigError(
-                f"output.dir={out} holds files kubetune did not write ({shown}); an export would replace some of "
-                "them. Point output.dir at a new or empty directory (--set output.dir=...)."
-            )
-    try:
-        make_dirs(out)
-        (out / OUTPUT_MARKER).write_text("written by kubetune-train: its adapter, reports and logs\n")
-    except OSError:
-        return
+    with contextlib.suppress(OSError):
+        mark_dir(out, OUTPUT_MARKER, "written by kubetune-train: its adapter, reports and logs")
 
 
 def lacks_space(directory: Path, need: int, largest_file: int = 0) -> bool:
@@ -381,9 +411,7 @@ def set_aside(root: Path, path: Path, reason: str) -> Path:
     checkpoint without its reason (a kill before the move leaves it where it was, to be set
     aside again by the next scan)."""
     target_dir = root / SET_ASIDE
-    if not target_dir.is_dir():
-        target_dir.mkdir(parents=True, exist_ok=True)
-        fsync_path(root)
+    make_dirs(target_dir)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = _free_name(target_dir, f"{path.name.lstrip('.')}-{stamp}-{os.getpid()}")
     note = path / REASON if path.is_dir() else target_dir / f"{target.name}.{REASON}"

@@ -24,12 +24,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer import contract
 from kubetune_trainer.errors import (
     GRACE_EXPIRED_EXIT_CODE,
     Interrupted,
     KubetuneError,
     Stopped,
-    leave_termination_message,
+    first_line,
+    report_failure,
 )
 
 log = logging.getLogger("kubetune_trainer")
@@ -61,11 +63,13 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     from kubetune_trainer.config import load_config
 
     cfg = load_config(args.config, args.set)
+    from kubetune_trainer.checkpoints import claim_output_dir
     from kubetune_trainer.model import Hardware
     from kubetune_trainer.preflight import run_preflight, write_report
 
+    claim_output_dir(Path(cfg.output.dir))  # a user's folder is refused before anything is written to it
     report = run_preflight(cfg, hardware=Hardware.detect(), expect_gpus=args.expect_gpus, stage="run").report
-    write_report(report, Path(cfg.output.dir) / "preflight.json")
+    write_report(report, Path(cfg.output.dir) / contract.PREFLIGHT_FILE)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif args.verbose or not report.failed:
@@ -78,13 +82,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from kubetune_trainer.config import load_config
 
     cfg = load_config(args.config, args.set)
+    from kubetune_trainer.checkpoints import claim_output_dir
     from kubetune_trainer.model import Hardware, fetch_model
     from kubetune_trainer.preflight import run_preflight, write_report
     from kubetune_trainer.sinks import Reporter, default_sinks
 
+    claim_output_dir(Path(cfg.output.dir))
     fetch_model(cfg.model)
     pf = run_preflight(cfg, hardware=Hardware(cuda=False), expect_gpus=0, stage="prepare")
-    write_report(pf.report, Path(cfg.output.dir) / "preflight.json")
+    write_report(pf.report, Path(cfg.output.dir) / contract.PREFLIGHT_FILE)
     reporter = Reporter(default_sinks(cfg))
     try:
         reporter.preflight(pf.report.to_dict())  # the TrainingRun's status.preflight, while it is Initializing
@@ -261,14 +267,6 @@ def setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def report_failure(error: KubetuneError) -> int:
-    """Print the error; in a pod, also leave it as the container's termination message, which
-    Kubernetes keeps in the pod status (the operator shows it in the TrainingRun)."""
-    print(f"kubetune-train: error: {error}", file=sys.stderr)
-    leave_termination_message(error.reason, str(error))
-    return error.exit_code
-
-
 def _stop_now(signum: int, frame: Any) -> None:
     raise Stopped(signal.Signals(signum))
 
@@ -294,8 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(args.verbose)
             return _main(args)
         except Stopped as stopped:
-            error = Interrupted(f"Stopped by {stopped.signal.name} before there was anything to save.")
-            error.exit_code = stopped.exit_code
+            error = Interrupted.by(stopped.signal, "before there was anything to save.")
             return report_failure(error)
 
 
@@ -310,7 +307,7 @@ def _main(args: argparse.Namespace) -> int:
         if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
             return report_failure(
                 OutOfMemoryError(
-                    f"The GPU ran out of memory ({str(exc).splitlines()[0][:200]}). Lower training.batchSize or "
+                    f"The GPU ran out of memory ({first_line(exc)}). Lower training.batchSize or "
                     "dataset.maxSeqLength, set training.gradientCheckpointing: true, or use a larger GPU; "
                     "`kubetune-train preflight` estimates the memory a config needs."
                 )

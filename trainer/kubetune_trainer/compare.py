@@ -23,6 +23,7 @@ import yaml
 
 from kubetune_trainer import contract
 from kubetune_trainer.errors import ConfigError, KubetuneError
+from kubetune_trainer.sinks import format_duration
 
 
 @dataclass
@@ -75,7 +76,7 @@ def _hyperparameters(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def from_output_dir(path: Path) -> RunSummary:
-    metrics_file = path / "metrics.json"
+    metrics_file = path / contract.METRICS_FILE
     if not metrics_file.is_file():
         raise ConfigError(
             f"{path}: no metrics.json, so not the output.dir of a finished kubetune run. Point at the directory "
@@ -207,14 +208,6 @@ def _num(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
 def _vs(row: RunSummary, metric: str, spec: str) -> str:
     """'base -> fine-tuned' when both are known, else the one that is."""
     tuned, base = row.test.get(metric), row.base.get(metric)
@@ -238,7 +231,7 @@ COLUMNS: tuple[tuple[str, Callable[[RunSummary], str]], ...] = (
     ("CER", lambda r: _vs(r, "cer", ".3f")),
     ("BLEU", lambda r: _vs(r, "bleu", ".1f")),
     ("ROUGE-L", lambda r: _vs(r, "rouge_l", ".3f")),
-    ("TIME", lambda r: _duration(r.duration_seconds)),
+    ("TIME", lambda r: format_duration(r.duration_seconds)),
     ("TOK/S", lambda r: _num(r.tokens_per_second, ",.0f")),
 )
 

@@ -386,15 +386,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def parse_config(text: str, *, source: str = "<config>", overrides: Sequence[str] = ()) -> TrainConfig:
+def read_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """The YAML document, and its node tree (for the lines of settings in later messages); a key given twice
+    or a syntax error is a ConfigError naming `source` and the line."""
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader that refuses duplicate keys
-        root = yaml.compose(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader), yaml.compose(text)  # a SafeLoader refusing duplicate keys
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{where}: not valid YAML ({problem}). Fix the syntax on that line.") from None
+
+
+def parse_config(text: str, *, source: str = "<config>", overrides: Sequence[str] = ()) -> TrainConfig:
+    raw, root = read_yaml(text, source)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

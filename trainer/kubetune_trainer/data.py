@@ -37,7 +37,7 @@ import torch
 
 from kubetune_trainer import checkpoints
 from kubetune_trainer.config import DatasetConfig
-from kubetune_trainer.errors import ConfigError, DataError, is_disk_full
+from kubetune_trainer.errors import ConfigError, DataError, first_line, is_disk_full
 from kubetune_trainer.textfiles import csv_records, json_rows
 
 log = logging.getLogger(__name__)
@@ -134,8 +134,7 @@ def _root_cause(exc: BaseException) -> str:
     while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
         seen.add(id(inner))
         exc = inner
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.rstrip(".")
+    return first_line(exc, 10_000).rstrip(".")
 
 
 def _check_json_lines(file: Path, setting: str) -> int:
@@ -173,15 +172,20 @@ def _read_csv(file: Path, setting: str) -> datasets.Dataset:
     return datasets.Dataset.from_dict(dict(zip(names, columns, strict=True)), features=features)
 
 
-def _row_location(path: str, index: int, setting: str) -> str:
-    """'file:line' of a CSV row, 'file row i' of a Parquet row (only built on the error path)."""
+def _row_locations(path: str, indices: list[int], setting: str) -> dict[int, str]:
+    """'file:line' of CSV rows, 'file row i' of Parquet rows, in one pass (only built on the error path)."""
     file = Path(path)
-    if FILE_TYPES.get(file.suffix.lower()) == "csv":
-        records = csv_records(file, setting)
-        next(records, None)  # the header
-        line = next((line for i, (line, _) in enumerate(records) if i == index), None)
-        return f"{path}:{line}"
-    return f"{path} row {index}"
+    if FILE_TYPES.get(file.suffix.lower()) != "csv":
+        return {i: f"{path} row {i}" for i in indices}
+    wanted, found = set(indices), {}
+    records = csv_records(file, setting)
+    next(records, None)  # the header
+    for i, (line, _) in enumerate(records):
+        if i in wanted:
+            found[i] = f"{path}:{line}"
+            if len(found) == len(wanted):
+                break
+    return found
 
 
 # --------------------------------------------------------------------------- format detection and validation
@@ -269,9 +273,9 @@ def validate_rows(ds: datasets.Dataset, fmt: str, cfg: DatasetConfig, path: str,
                 problems.append(f"{where}: {problem}")
     else:
         values = {c: ds[c] for c in columns}  # CSV: all text, as read; Parquet: the file's own types
-        for i in range(len(ds)):
-            if problem := row_problem({c: values[c][i] for c in columns}, fmt, cfg):
-                problems.append(f"{_row_location(path, i, setting)}: {problem}")
+        bad = [(i, p) for i in range(len(ds)) if (p := row_problem({c: values[c][i] for c in columns}, fmt, cfg))]
+        where = _row_locations(path, [i for i, _ in bad[:3]], setting)  # only the rows the message names
+        problems = [f"{where.get(i, f'{path} row {i}')}: {problem}" for i, problem in bad]
     if not problems:
         return
     how = f"(format {fmt}; columns are set by dataset.{_field_setting(fmt)})"
@@ -653,12 +657,7 @@ def _save_prepared(data: PreparedData, directory: Path, fingerprint: str) -> Non
     datasets.DatasetDict({k: v for k, v in data.raw.items() if len(v)}).save_to_disk(str(tmp / "raw"))
     meta = {"fingerprint": fingerprint, "format": data.format, "stats": {k: vars(v) for k, v in data.stats.items()}}
     (tmp / PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    # Durable before the swap: a node crash must not leave a prepared.json over half-written tables.
-    for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        checkpoints.fsync_path(file)
-    for folder in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
-        checkpoints.fsync_path(folder)
-    checkpoints.fsync_path(tmp)
+    checkpoints.fsync_tree(tmp)  # a node crash must not leave a prepared.json over half-written tables
     if directory.exists():
         old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
         os.replace(directory, old / "prepared")

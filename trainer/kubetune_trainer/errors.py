@@ -3,7 +3,8 @@ the operator contract (ARCHITECTURE.md, contract 3)::
 
     KubetuneError            exit 1   base; never raised itself
     ├── ConfigError          exit 2   invalid configuration: the Job must not retry
-    │   └── DataError        exit 2   the dataset is unreadable or malformed
+    │   ├── DataError        exit 2   the dataset is unreadable or malformed
+    │   └── OtherRunError    exit 2   checkpoints.dir or output.dir holds another run's files
     ├── PreflightError       exit 3   a preflight check failed
     ├── DivergedError        exit 4   the loss stopped being finite
     ├── StorageFullError     exit 5   the checkpoint or output volume is full
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -64,6 +66,14 @@ class DataError(ConfigError):
         super().__init__(message, check=check)
 
 
+class OtherRunError(ConfigError):
+    """The volume holds another run's checkpoints or adapter: in a cluster, a TrainingRun deleted and applied again
+    under its name with other settings finds the old run's volume. Its own reason lets the operator say what to
+    do there (the spec cannot change; the volume or the name can)."""
+
+    reason = "VolumeHoldsOtherRun"
+
+
 class PreflightError(KubetuneError):
     exit_code = 3
     reason = "PreflightFailed"
@@ -88,6 +98,20 @@ class Interrupted(KubetuneError):
     exit_code = 143
     reason = "Interrupted"
 
+    @classmethod
+    def by(cls, signum: signal.Signals | None, what: str) -> Interrupted:
+        """'Stopped by SIGTERM <what>', exiting as a shell reports that signal (143; 130 for Ctrl-C)."""
+        error = cls(f"Stopped by {signum.name if signum else 'a signal'} {what}")
+        error.exit_code = SIGNAL_EXIT_CODES.get(signum, cls.exit_code) if signum else cls.exit_code
+        return error
+
+
+class StopTimedOut(KubetuneError):
+    """No safe point within checkpoints.graceSeconds of SIGTERM: the watchdog ends the process unsaved."""
+
+    exit_code = GRACE_EXPIRED_EXIT_CODE
+    reason = GRACE_EXPIRED_REASON
+
 
 class Stopped(BaseException):
     """SIGTERM or Ctrl-C outside the training loop, raised from the signal handler.
@@ -102,6 +126,21 @@ class Stopped(BaseException):
     @property
     def exit_code(self) -> int:
         return SIGNAL_EXIT_CODES.get(self.signal, SIGNAL_EXIT_CODES[signal.SIGTERM])
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line of text (its type's name when it has none), cut to `limit` characters: what a
+    one-paragraph message quotes of a library's error."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+def report_failure(error: KubetuneError) -> int:
+    """Print the error; in a pod, also leave it as the container's termination message, which Kubernetes keeps
+    in the pod status (the operator shows it in the TrainingRun). Returns the exit code."""
+    print(f"kubetune-train: error: {error}", file=sys.stderr, flush=True)
+    leave_termination_message(error.reason, str(error))
+    return error.exit_code
 
 
 def leave_termination_message(reason: str, message: str) -> None:
@@ -140,7 +179,7 @@ def disk_full_message(exc: BaseException) -> str | None:
     )
     place = f" writing {where}" if where else ""
     return (
-        f"a volume is full{place} ({str(exc).strip().splitlines()[0][:160]}). Free space on it or enlarge it "
+        f"a volume is full{place} ({first_line(exc, 160)}). Free space on it or enlarge it "
         "(the datasets cache lives under HF_HOME or HF_DATASETS_CACHE), then run again."
     )
 

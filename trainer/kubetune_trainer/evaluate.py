@@ -18,12 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,25 +28,17 @@ from typing import Any, Literal
 import jinja2
 import torch
 
+from kubetune_trainer.checkpoints import write_atomic
 from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.contract import EVAL_FILE, PREDICTIONS_FILE
 from kubetune_trainer.data import IGNORE_INDEX, PaddingCollator, PreparedData
 from kubetune_trainer.errors import ConfigError, DataError
-from kubetune_trainer.sinks import finite_or_none
+from kubetune_trainer.sinks import camel, finite_or_none
 
 log = logging.getLogger(__name__)
 
-EVAL_FILE, PREDICTIONS_FILE = "eval.json", "predictions.jsonl"
-# Every metric, and which way is better (for the deltas and for `kubetune compare`).
-HIGHER_IS_BETTER = {
-    "loss": False,
-    "perplexity": False,
-    "exact_match": True,
-    "cer": False,
-    "wer": False,
-    "bleu": True,
-    "rouge_l": True,
-}
-GENERATION_METRICS = ("exact_match", "cer", "wer", "bleu", "rouge_l")
+# Every metric, in the order reports show them (loss and perplexity: lower is better; cer and wer too).
+METRICS = ("loss", "perplexity", "exact_match", "cer", "wer", "bleu", "rouge_l")
 # `evaluate(on_progress=...)` stages, in the order they run (the base ones only with a baseline).
 STAGES = ("loss", "generation", "base loss", "base generation")
 ProgressHook = Callable[[str, int, int], None]  # (stage, done, total), after every batch
@@ -133,7 +122,7 @@ def score_generations(predictions: Sequence[str], references: Sequence[str]) -> 
 
 def compare(finetuned: dict[str, float], base: dict[str, float]) -> dict[str, float]:
     """finetuned - base for every metric both have."""
-    return {k: finetuned[k] - base[k] for k in HIGHER_IS_BETTER if k in finetuned and k in base}
+    return {k: finetuned[k] - base[k] for k in METRICS if k in finetuned and k in base}
 
 
 def new_token_cap(reference_lengths: Sequence[int], limit: int) -> int:
@@ -228,16 +217,14 @@ def generate_completions(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
     device = next(model.parameters()).device
-    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]  # once, for all batches
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(prompts)
     eos = list(stop_ids) if stop_ids else tokenizer.eos_token_id
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            enc = tokenizer(
-                [prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
-            ).to(device)
+            enc = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(device)
             generated = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -269,30 +256,27 @@ def token_loss(
     model.eval()
     collate = PaddingCollator(pad_token_id)
     device = next(model.parameters()).device
-    order = sorted(range(len(dataset)), key=lambda i: dataset[i]["length"])  # little padding per batch
-    total, count = 0.0, 0
+    lengths = dataset["length"]
+    order = sorted(range(len(dataset)), key=lambda i: lengths[i])  # little padding per batch
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     try:
         for start in range(0, len(order), batch_size):
             batch = collate([dataset[i] for i in order[start : start + batch_size]])
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
             logits = logits.logits[:, :-1].float()
-            labels = batch["labels"][:, 1:].to(device)
+            labels = batch["labels"][:, 1:]
+            count += int((labels != IGNORE_INDEX).sum())  # on the CPU: no device sync per batch
             total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            ).item()
-            count += int((labels != IGNORE_INDEX).sum())
+                logits.reshape(-1, logits.shape[-1]),
+                labels.to(device).reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            ).double()
             if progress is not None:
                 progress(min(start + batch_size, len(order)), len(order))
     finally:
         model.train(was_training)
-    return (total / count if count else math.nan), count
-
-
-@contextmanager
-def adapter_disabled(model: Any) -> Iterator[None]:
-    """The base model: the adapter (and modulesToSave copies) switched off for the block."""
-    with model.disable_adapter():
-        yield
+    return (total.item() / count if count else math.nan), count
 
 
 @dataclass
@@ -321,18 +305,13 @@ class EvalReport:
 
     def status(self) -> dict[str, Any]:
         """The TrainingRun's status.evaluation share of it: camelCase, no predictions."""
-        from pydantic.alias_generators import to_camel
-
-        def camel(d: dict[str, float] | None) -> dict[str, float] | None:
-            return None if d is None else {to_camel(k): v for k, v in d.items()}
-
         return {
             "split": self.split,
             "samples": self.samples,
             "generated": self.generated,
             "test": camel(self.finetuned),
-            "base": camel(self.base),
-            "delta": camel(self.delta),
+            "base": None if self.base is None else camel(self.base),
+            "delta": None if self.delta is None else camel(self.delta),
         }
 
     def summary_lines(self, samples: int = 3) -> list[str]:
@@ -402,7 +381,7 @@ def evaluate(
     tuned, tuned_predictions, tokens = measure("")
     base, base_predictions = None, None
     if baseline:
-        with adapter_disabled(model) if hasattr(model, "disable_adapter") else nullcontext():
+        with model.disable_adapter():  # the base model: the adapter and modulesToSave copies switched off
             base, base_predictions, _ = measure("base ")
     predictions = []
     if task is not None and tuned_predictions is not None:
@@ -434,11 +413,10 @@ def write_report(report: EvalReport, out_dir: Path) -> None:
     """eval.json and predictions.jsonl, each replaced atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     body = json.dumps(finite_or_none(report.to_dict()), indent=2, allow_nan=False) + "\n"
-    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in report.predictions)
-    for name, text in ((EVAL_FILE, body), (PREDICTIONS_FILE, lines)):
-        with tempfile.NamedTemporaryFile("w", dir=out_dir, prefix=f".{name}.", delete=False, encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(fh.name, out_dir / name)
+    write_atomic(out_dir / EVAL_FILE, body)
+    write_atomic(
+        out_dir / PREDICTIONS_FILE, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in report.predictions)
+    )
 
 
 # --------------------------------------------------------------------------- an adapter from disk

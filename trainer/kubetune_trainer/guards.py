@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,9 +29,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from kubetune_trainer.errors import (
     GRACE_EXPIRED_EXIT_CODE,
-    GRACE_EXPIRED_REASON,
+    Interrupted,
     Stopped,
-    leave_termination_message,
+    StopTimedOut,
+    report_failure,
 )
 from kubetune_trainer.errors import SIGNAL_EXIT_CODES as EXIT_CODES
 
@@ -140,11 +140,7 @@ class StopRequest:
         time.sleep(self.grace_seconds)
         if self.saved_after_signal:
             # Saved in time, but what followed (closing the sinks, a slow filesystem) ran past the grace period.
-            message = f"stopped by {self.signal.name if self.signal else 'a signal'} after saving a checkpoint"
-            sys.stderr.write(f"kubetune-train: error: {message}; exiting {self.exit_code}\n")
-            sys.stderr.flush()
-            leave_termination_message("Interrupted", message)
-            os._exit(self.exit_code)
+            os._exit(report_failure(Interrupted.by(self.signal, "after saving a checkpoint")))
         # The main thread is stuck in a long step or save; a checkpoint could not be made in time.
         why = grace_shortfall(self.longest_step, max(self.save_seconds, default=0.0), self.grace_seconds)
         message = (
@@ -153,10 +149,7 @@ class StopRequest:
             "checkpoint (the previous ones are intact; a rerun resumes from the newest)."
             + (f" On this machine {why}" if why else "")
         )
-        sys.stderr.write(f"kubetune-train: error: {message}\n")
-        sys.stderr.flush()
-        leave_termination_message(GRACE_EXPIRED_REASON, message)
-        os._exit(GRACE_EXPIRED_EXIT_CODE)
+        os._exit(report_failure(StopTimedOut(message)))
 
     # -- what a stop waits for
 

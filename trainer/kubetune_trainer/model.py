@@ -22,7 +22,7 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 
 from kubetune_trainer.config import LoraConfig, ModelConfig
-from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def fetch_model(cfg: ModelConfig) -> None:
     except Exception as exc:  # network, auth and repository errors come from several libraries
         raise ConfigError(
             f"model.nameOrPath={cfg.name_or_path!r}: cannot download it ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}). Check the id and revision, "
+            f"{first_line(exc)}). Check the id and revision, "
             "the network, and HF_TOKEN for gated models."
         ) from None
     log.info("Model %s is in the cache at %s", cfg.name_or_path, path)
@@ -144,7 +144,7 @@ def load_model(cfg: ModelConfig, precision: str, attention: str) -> transformers
         broken = next(((f, why) for f in _weight_files(cfg) if (why := weight_file_problem(f))), None)
         if broken is None and isinstance(exc, RuntimeError):
             raise
-        where, why = broken if broken else (None, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        where, why = broken if broken else (None, first_line(exc, 10_000))
         raise ConfigError(
             f"model.nameOrPath={cfg.name_or_path!r}: cannot load the model weights: "
             f"{where or 'a weights file'} is unreadable ({why}); it is truncated or damaged. "
@@ -167,7 +167,7 @@ def weight_file_problem(path: Path) -> str | None:
             with zipfile.ZipFile(path):  # torch.save's format; a cut-off file has no central directory
                 pass
     except (SafetensorError, zipfile.BadZipFile, OSError) as exc:
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return first_line(exc, 10_000)
     return None
 
 
@@ -191,7 +191,7 @@ def _load_failure(what: str, cfg: ModelConfig, exc: Exception) -> str:
         if local.is_dir()
         else "it is neither a local directory nor a reachable Hugging Face Hub id"
     )
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc, 10_000)
     return (
         f"model.nameOrPath={cfg.name_or_path!r}: cannot load the {what}: {hint} ({first}). "
         "Point model.nameOrPath at a directory made by save_pretrained or at a Hub id (online)."

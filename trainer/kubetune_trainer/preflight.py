@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -546,13 +545,10 @@ def _disk_checks(cfg: TrainConfig, info: ModelInfo | None) -> list[Check]:
 
 def write_report(report: Report, path: Path) -> None:
     """Best effort: when output.dir is what failed (a file, read-only), the report still reaches stderr and the
-    run's status, and the failed disk.output check, not this write, must decide the exit. A user's folder as
-    output.dir is refused (checkpoints.claim_output_dir)."""
-    checkpoints.claim_output_dir(path.parent)
+    run's status, and the failed disk.output check, not this write, must decide the exit. The caller has
+    claimed the directory (checkpoints.claim_output_dir)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        checkpoints.write_atomic(path, json.dumps(report.to_dict(), indent=2) + "\n")
     except OSError as exc:
         log.warning("Could not write the preflight report to %s: %s", path, exc.strerror or exc)

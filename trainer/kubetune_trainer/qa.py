@@ -32,10 +32,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from kubetune_trainer.checkpoints import mark_dir, unmarked_files, write_atomic
 from kubetune_trainer.errors import ConfigError, DataError
 from kubetune_trainer.textfiles import csv_records, json_rows
 
@@ -87,23 +87,19 @@ class TemplateFile(BaseModel):
 
 
 def load_template_file(path: Path) -> TemplateFile:
-    from kubetune_trainer.config import _explain  # the config's own messages: file, line, setting
+    from kubetune_trainer.config import _explain, read_yaml  # the config's own messages: file, line, setting
 
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"--template {path}: cannot read it ({exc.strerror}).") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"--template {path}:{mark.line + 1 if mark else '?'}: not valid YAML.") from None
+    raw, root = read_yaml(text, f"--template {path}")
     if isinstance(raw, list):  # a bare list of templates is fine too
         raw = {"templates": raw}
     try:
         spec = TemplateFile.model_validate(raw if raw is not None else {})
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, TemplateFile, f"--template {path}", yaml.compose(text), ())) from None
+        raise ConfigError(_explain(exc, TemplateFile, f"--template {path}", root, ())) from None
     if "{question}" not in spec.prompt_format:
         raise ConfigError(f"--template {path}: promptFormat must contain {{question}}.")
     return spec
@@ -313,20 +309,16 @@ def make_qa(
     splits = split_pairs(pairs, validation, test, seed)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; make-qa writes a directory of splits. Choose another --out.")
-    theirs = [out_dir / f for f in SPLIT_FILES.values() if (out_dir / f).exists()]
-    if theirs and not (out_dir / MARKER).exists():
+    theirs = sorted(unmarked_files(out_dir, MARKER) & set(SPLIT_FILES.values()))  # other files may stay
+    if theirs:
         raise ConfigError(
-            f"--out {out_dir} already holds {', '.join(p.name for p in theirs)} not written by make-qa; "
-            "choose another --out."
+            f"--out {out_dir} already holds {', '.join(theirs)} not written by make-qa; choose another --out."
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text(f"written by kubetune-train make-qa from {records_path}\n", encoding="utf-8")
+    mark_dir(out_dir, MARKER, f"written by kubetune-train make-qa from {records_path}")
     for name, rows in splits.items():
         target = out_dir / SPLIT_FILES[name]
         if not rows:  # an empty file would be refused as a split; an earlier run's is stale
             target.unlink(missing_ok=True)
             continue
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(target)
+        write_atomic(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return MadeQA(out_dir, {name: len(rows) for name, rows in splits.items()}, ambiguous_questions(pairs))

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer.checkpoints import mark_dir, unmarked_files
 from kubetune_trainer.config import TrainConfig
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.qa import SPLIT_FILES, MadeQA, QATemplate, make_qa
@@ -147,16 +148,15 @@ MARKER = ".kubetune-quickstart"
 
 def claim_workdir(workdir: Path) -> None:
     """Use workdir for a fresh quickstart: ours from an earlier one is cleared, anything else refused."""
-    if workdir.exists() and any(workdir.iterdir()):
-        if not (workdir / MARKER).exists():
-            raise ConfigError(
-                f"--dir {workdir} exists and was not made by `kubetune-train quickstart`; choose another --dir."
-            )
+    if unmarked_files(workdir, MARKER):
+        raise ConfigError(
+            f"--dir {workdir} exists and was not made by `kubetune-train quickstart`; choose another --dir."
+        )
+    if (workdir / MARKER).exists():
         print(f"Starting over in {workdir}/ (replacing the earlier quickstart's model, data, checkpoints and output)")
         for name in ("base-model", "prepared", "checkpoints", "output"):
             shutil.rmtree(workdir / name, ignore_errors=True)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / MARKER).write_text("made by kubetune-train quickstart; rerunning it replaces this directory\n")
+    mark_dir(workdir, MARKER, "made by kubetune-train quickstart; rerunning it replaces this directory")
 
 
 def write_templates(path: Path, templates: Sequence[QATemplate] = BRANCH_TEMPLATES) -> Path:

@@ -20,25 +20,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from kubetune_trainer.sinks import HEARTBEAT, Progress, Reporter
-
-HIGH_LOSS_FILE = "high_loss_samples.jsonl"
+from kubetune_trainer.checkpoints import write_atomic
+from kubetune_trainer.sinks import HEARTBEAT, Progress, Reporter, format_duration
 
 log = logging.getLogger(__name__)
-
-
-def format_duration(seconds: float | None) -> str:
-    """Short human duration: '45s', '3m20s', '2h05m', '3d04h'; '-' when unknown."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "-"
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def estimate_eta(steps_done: int, steps_left: int, elapsed: float) -> float | None:
@@ -193,9 +178,7 @@ def drop_records_after(path: Path, step: int) -> int:
     kept = [line for line in lines if (at := _step_of(line)) is None or at <= step]
     if len(kept) == len(lines):
         return 0
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(kept))
     return len(lines) - len(kept)
 
 

@@ -27,6 +27,7 @@ from pydantic.alias_generators import to_camel
 
 from kubetune_trainer import contract
 from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.contract import PROGRESS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,20 @@ def camel(record: dict[str, Any]) -> dict[str, Any]:
 def as_status(value: Any) -> Any:
     """A record as the status holds it: camelCase keys, null for what JSON cannot hold."""
     return finite_or_none(camel(value.to_dict()) if isinstance(value, Progress) else value)
+
+
+def format_duration(seconds: float | None) -> str:
+    """Short human duration: '45s', '3m20s', '2h05m', '3d04h'; '-' when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 # A record made while no step is (evaluations): the run is alive, nothing else is new.
@@ -204,9 +219,6 @@ class TerminalSink(Sink):
 
 
 # --------------------------------------------------------------------------- file
-
-
-PROGRESS_FILE = "progress.jsonl"
 
 
 class FileSink(Sink):
@@ -532,12 +544,12 @@ class KubernetesStatusSink(Sink):
                     self.sent += 1
                     backoff, failing_since, last_sent = first_backoff, None, time.monotonic()
 
-    def close(self, timeout: float | None = None) -> None:
+    def close(self) -> None:
         """Send what is pending, then stop; `close_timeout` at most (a hung API must not eat the grace period)."""
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join(self.close_timeout if timeout is None else timeout)
+        self._thread.join(self.close_timeout)
         if self._thread.is_alive():
             log.warning("The TrainingRun's status may miss the run's last update: the API did not answer in time")
 

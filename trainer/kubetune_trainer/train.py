@@ -31,14 +31,25 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from kubetune_trainer import checkpoints
 from kubetune_trainer.checkpoints import Checkpoint
 from kubetune_trainer.config import TrainConfig, total_steps, warmup_steps
+from kubetune_trainer.contract import (
+    ADAPTER_FILES,
+    HIGH_LOSS_FILE,
+    LOG_HISTORY_FILE,
+    LOSS_CURVES_FILE,
+    METRICS_FILE,
+    PREFLIGHT_FILE,
+    PROGRESS_FILE,
+)
 from kubetune_trainer.data import EpochSeededSampler, PaddingCollator, PreparedData, file_signature
 from kubetune_trainer.errors import (
     ConfigError,
     DivergedError,
     Interrupted,
     KubetuneError,
+    OtherRunError,
     Stopped,
     StorageFullError,
+    first_line,
     is_disk_full,
 )
 from kubetune_trainer.evaluate import EvalReport
@@ -48,18 +59,15 @@ from kubetune_trainer.guards import DivergenceGuard, EvaluationAbandoned, RunCon
 from kubetune_trainer.model import Hardware, apply_lora, load_model, parameter_counts
 from kubetune_trainer.preflight import Preflight, checkpoint_bytes, run_preflight, write_report
 from kubetune_trainer.report import (
-    HIGH_LOSS_FILE,
     HighLossSamples,
     ProgressTracker,
     drop_records_after,
     per_sample_loss,
     write_loss_curves,
 )
-from kubetune_trainer.sinks import PROGRESS_FILE, Reporter, Sink, camel, default_sinks, finite_or_none
+from kubetune_trainer.sinks import Reporter, Sink, camel, default_sinks, finite_or_none
 
 log = logging.getLogger(__name__)
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
@@ -365,7 +373,7 @@ def find_resume(cfg: TrainConfig, identity: dict[str, Any]) -> tuple[list[Checkp
         theirs = checkpoints.read_state(newest).get("identity", {})
         differ = sorted(k for k in identity if theirs.get(k) != identity[k]) or ["(unknown)"]
         what = ", ".join("data file contents" if k == "data_files" else f"{k} settings" for k in differ)
-        raise ConfigError(
+        raise OtherRunError(
             f"checkpoints.dir={root} holds checkpoints of a different run ({what} differ from {newest.name}). "
             "Use another checkpoints.dir for this config, or restore those settings to resume that run."
         )
@@ -386,7 +394,7 @@ def finished_run(cfg: TrainConfig, resume: Checkpoint | None, steps: int) -> boo
     theirs = state.get("trajectory", {})
     differ = sorted(to_camel(k) for k, v in trajectory(cfg).items() if theirs.get(k, v) != v)
     if differ:
-        raise ConfigError(
+        raise OtherRunError(
             f"checkpoints.dir={cfg.checkpoints.dir} holds a finished run trained with other "
             f"{', '.join('training.' + d for d in differ)}. Resuming would export that adapter under this config. "
             "Use another checkpoints.dir to train with these settings, or raise the steps to continue training it."
@@ -407,7 +415,7 @@ def check_output_dir(out: Path, cfg: TrainConfig) -> None:
         return
     if _same_run(out / "config.yaml", cfg):
         return
-    raise ConfigError(
+    raise OtherRunError(
         f"output.dir: {out} already holds the adapter of another run (other model, LoRA, data or batch settings "
         "in its config.yaml). Choose another output.dir (--set output.dir=...) or move that run away first."
     )
@@ -444,10 +452,10 @@ def export(
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        (staging / "metrics.json").write_text(_json(metrics, indent=2), encoding="utf-8")
-        (staging / "log_history.json").write_text(_json(log_history, indent=1), encoding="utf-8")
+        (staging / METRICS_FILE).write_text(_json(metrics, indent=2), encoding="utf-8")
+        (staging / LOG_HISTORY_FILE).write_text(_json(log_history, indent=1), encoding="utf-8")
         title = f"{Path(cfg.model.name_or_path).name} LoRA"
-        write_loss_curves(log_history, staging / "loss_curves.png", title=title)
+        write_loss_curves(log_history, staging / LOSS_CURVES_FILE, title=title)
         if evaluation is not None:
             write_eval_report(evaluation, staging)
         mode = 0o666 & ~_umask()  # some writers use 0600; a serving pod may run as another user
@@ -529,7 +537,7 @@ def setup(
 
     hw = Hardware.detect()
     pf = run_preflight(cfg, hardware=hw, expect_gpus=expect_gpus, stage="run")
-    write_report(pf.report, out / "preflight.json")
+    write_report(pf.report, out / PREFLIGHT_FILE)
     if pf.report.failed:
         log.debug("Preflight:\n%s", pf.report.render())  # the error names the failed checks; -v shows all
     else:
@@ -668,13 +676,9 @@ def train(recipe: Recipe) -> dict[str, float]:
 def _interrupted(recipe: Recipe) -> Interrupted:
     latest = recipe.committer.latest
     where = f"; {checkpoints.describe(latest)} is the newest checkpoint" if latest else "; no checkpoint yet"
-    stop = recipe.stop
-    error = Interrupted(
-        f"Stopped by {stop.signal.name if stop.signal else 'a signal'} at step {recipe.trainer.state.global_step}"
-        f"{where}. Run again to resume."
+    return Interrupted.by(
+        recipe.stop.signal, f"at step {recipe.trainer.state.global_step}{where}. Run again to resume."
     )
-    error.exit_code = stop.exit_code
-    return error
 
 
 def _diverged(recipe: Recipe) -> DivergedError:
@@ -712,7 +716,7 @@ def _disk_full(recipe: Recipe, exc: BaseException) -> StorageFullError:
     intact = f"{checkpoints.describe(latest)} and older checkpoints are intact" if latest else "no checkpoint existed"
     return StorageFullError(
         f"checkpoints.dir={root}: the volume is full while saving step {recipe.trainer.state.global_step} "
-        f"({str(exc).strip().splitlines()[0][:160]}; {free / 2**20:,.0f} MiB free). {intact}. Free space, "
+        f"({first_line(exc, 160)}; {free / 2**20:,.0f} MiB free). {intact}. Free space, "
         "lower checkpoints.keep, or enlarge the volume, then run again to resume."
     )
 
@@ -846,8 +850,6 @@ def run(cfg: TrainConfig, *, sinks: list[Sink] | None = None, expect_gpus: int =
             finally:
                 recipe.reporter.close()
     except Stopped as stopped:
-        error = Interrupted(f"Stopped by {stopped.signal.name} {where}. Run again to continue.")
-        error.exit_code = stopped.exit_code
-        raise error from None
+        raise Interrupted.by(stopped.signal, f"{where}. Run again to continue.") from None
     finally:
         stop.uninstall()
