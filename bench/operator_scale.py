@@ -96,13 +96,20 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        # Ready once kopf's watches on TrainingRuns and on Jobs are open in the emulator: from then on it sees
+        # every run created and every Job the runner completes (the emulator lists and registers a watch at once).
+        wanted = {"trainingruns", "jobs"}
+
+        def watched() -> set[str]:
+            return server.call(lambda: {w.resource.plural for w in server.watchers if w.namespace in (None, NAMESPACE)})
+
         deadline = time.monotonic() + 60
-        watching = "GET /apis/kubetune.io/v1alpha1/namespaces/*/trainingruns"
-        while not server.requests.get(watching):
+        while not wanted <= watched():
+            if operator.poll() is not None:
+                sys.exit(f"the operator exited with {operator.returncode} before watching")
             if time.monotonic() > deadline:
-                sys.exit("the operator never started watching")
-            time.sleep(0.2)
-        time.sleep(2)  # let kopf settle its watches
+                sys.exit(f"the operator never watched {sorted(wanted - watched())} within 60s")
+            time.sleep(0.1)
         runs = server.resource("kubetune.io", "trainingruns")
 
         def create(name: str) -> None:

@@ -1,8 +1,12 @@
-"""Shared fixtures: a tiny model built locally (no model hub here) and data to train it on."""
+"""Shared fixtures: a tiny model built locally (no model hub here) and data to train it on; `kubetune-train`
+as a process."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,3 +67,21 @@ def make_config(tmp_path: Path, tiny_model: Path, qa_file: Path) -> Callable[...
         return TrainConfig.model_validate(raw)
 
     return make
+
+
+def kubetune_train(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """`kubetune-train ARGS` as a user runs it (the console script, or `python -m` where none is installed):
+    its exit code, stdout and stderr. `env` adds to this process's environment."""
+    script = Path(sys.executable).with_name("kubetune-train")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "kubetune_trainer.cli"]
+    return subprocess.run(
+        [*command, *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
+from urllib.parse import urlsplit
 
 import helm_python
 import kubernetes_validate
 import pytest
 import yaml
 
-from tests.helm import CHART, KUBE_VERSIONS, MONITORING_ON, NAMESPACE, render
+from tests.dockerfiles import entrypoint, user
+from tests.helm import CHART, KUBE_VERSIONS, MONITORING_ON, NAMESPACE, notes, render, rendered
 
 ALL_ON = {
     **MONITORING_ON,
@@ -21,6 +22,7 @@ ALL_ON = {
     "priorityClassName": "system-cluster-critical",
     "podAnnotations": {"a": "b"},
 }
+OPERATOR_DOCKERFILE = "Dockerfile.operator"
 # Prometheus Operator kinds: not in the Kubernetes schemas, checked by shape below.
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
@@ -86,20 +88,24 @@ def test_resources_come_from_the_values():
     assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"] == resources
 
 
-def test_the_image_the_operator_runs_is_the_one_its_dockerfile_starts():
-    """The Deployment's args go to the image's ENTRYPOINT: kopf with the liveness endpoint the probes ask for."""
-    dockerfile = (CHART.parents[1] / "Dockerfile.operator").read_text()
-    entrypoint = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT"))[10:])
-    assert entrypoint[:3] == ["kopf", "run", "--standalone"]
-    assert "--liveness=http://0.0.0.0:8081/healthz" in entrypoint
+def test_the_probes_call_the_liveness_endpoint_the_operator_image_starts():
+    """The image's ENTRYPOINT (which the Deployment's args go to: the chart sets no command) serves kopf's
+    liveness endpoint; the probes must ask that very port and path, or the kubelet restarts a healthy operator."""
+    (url,) = [urlsplit(a.split("=", 1)[1]) for a in entrypoint(OPERATOR_DOCKERFILE) if a.startswith("--liveness=")]
+    assert url.hostname == "0.0.0.0", "reachable from the kubelet, on the pod's IP"
+    (container,) = rendered("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "command" not in container, "the chart starts the image's ENTRYPOINT"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["health"] == url.port
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        assert (ports.get(get["port"], get["port"]), get["path"]) == (url.port, url.path), probe
 
 
 def test_the_pod_runs_as_the_user_its_dockerfile_names():
-    dockerfile = (CHART.parents[1] / "Dockerfile.operator").read_text()
-    user = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")][-1]
-    (deployment,) = [o for o in render() if o["kind"] == "Deployment"]
-    context = deployment["spec"]["template"]["spec"]["securityContext"]
-    assert user == f"{context['runAsUser']}:{context['runAsGroup']}"
+    """runAsNonRoot needs a numeric user; the chart's must be the image's, which owns what the image holds."""
+    context = rendered("Deployment")["spec"]["template"]["spec"]["securityContext"]
+    assert user(OPERATOR_DOCKERFILE) == (context["runAsUser"], context["runAsGroup"])
 
 
 def test_a_metrics_port_of_its_own_reaches_the_service_the_pod_and_the_operator():
@@ -150,14 +156,12 @@ def test_bad_values_are_refused_naming_the_value(values, named):
     assert named in str(raised.value)
 
 
-def notes(values: dict) -> list[str]:
-    chart = helm_python.Chart.load(str(CHART))
-    text = chart.render(values, name="kubetune", namespace=NAMESPACE, is_install=True)["kubetune/templates/NOTES.txt"]
-    return [line.strip() for line in text.splitlines()]
+def note_lines(values: dict) -> list[str]:
+    return [line.strip() for line in notes(values).splitlines()]
 
 
 def test_notes_tell_the_user_what_to_run_next():
-    lines = notes({})
+    lines = note_lines({})
     assert "It manages TrainingRuns in every namespace." in lines
     assert f"kubectl -n {NAMESPACE} rollout status deployment/kubetune-operator" in lines
     # Every namespace is watched: the example lands in the current one, and is seen there.
@@ -168,7 +172,7 @@ def test_notes_tell_the_user_what_to_run_next():
 
 def test_notes_send_the_first_run_to_a_watched_namespace():
     """The example names no namespace: applied as is, it would land where the operator does not look."""
-    lines = notes({"watchNamespaces": ["ml", "team-b"]})
+    lines = note_lines({"watchNamespaces": ["ml", "team-b"]})
     assert "It manages TrainingRuns in: ml, team-b (runs in other namespaces get no status)." in lines
     assert "kubectl apply -n ml -f examples/trainingrun-cpu-tiny.yaml" in lines
     assert "kubectl get trainingruns -n ml -w" in lines
@@ -180,10 +184,10 @@ def test_notes_send_the_first_run_to_a_watched_namespace():
 def test_notes_say_where_the_pull_secrets_must_exist():
     """Trainer pods name the secrets in their run's namespace; one that exists only beside the operator is
     not found there, and a private image does not pull."""
-    assert not [line for line in notes({}) if "pull secret" in line.lower()]
-    lines = notes({"imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}]})
+    assert not [line for line in note_lines({}) if "pull secret" in line.lower()]
+    lines = note_lines({"imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}]})
     text = " ".join(lines)
     assert "Image pull secrets: regcred, mirror." in text
     assert f"must exist in every namespace where runs are created, not only in {NAMESPACE}." in text
-    text = " ".join(notes({"imagePullSecrets": [{"name": "regcred"}], "watchNamespaces": ["ml", "team-b"]}))
+    text = " ".join(note_lines({"imagePullSecrets": [{"name": "regcred"}], "watchNamespaces": ["ml", "team-b"]}))
     assert f"must exist in ml, team-b, not only in {NAMESPACE}." in text

@@ -7,88 +7,22 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from kubetune_operator import constants as c
+from tests.dockerfiles import ROOT, copies, entrypoint, instructions, stages, user
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = ("Dockerfile.trainer", "Dockerfile.operator")
 # Sources a dependency stage may copy before its installs: the optional build-only inputs and their anchor.
 BUILD_ONLY = {".dockerignore", ".build*"}
-
-
-@dataclass(frozen=True)
-class Instruction:
-    keyword: str  # upper case: FROM, RUN, COPY, ...
-    args: str
-
-
-def instructions(dockerfile: str) -> list[Instruction]:
-    """The instructions in order, continuation lines joined and comments dropped, as Docker reads them."""
-    found: list[Instruction] = []
-    pending = ""
-    for raw in (ROOT / dockerfile).read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        keyword, _, args = (pending + line).partition(" ")
-        found.append(Instruction(keyword.upper(), args.strip()))
-        pending = ""
-    assert not pending, f"{dockerfile} ends inside a continuation"
-    return found
-
-
-def stages(dockerfile: str) -> tuple[list[Instruction], list[list[Instruction]]]:
-    """What comes before the first FROM, and each stage from its FROM on."""
-    preamble: list[Instruction] = []
-    found: list[list[Instruction]] = []
-    for instruction in instructions(dockerfile):
-        if instruction.keyword == "FROM":
-            found.append([instruction])
-        elif found:
-            found[-1].append(instruction)
-        else:
-            preamble.append(instruction)
-    return preamble, found
-
-
-def copies(stage: list[Instruction]) -> list[tuple[list[str], str]]:
-    """(sources, destination) of each COPY from the build context (not --from=another stage)."""
-    found = []
-    for instruction in stage:
-        if instruction.keyword != "COPY":
-            continue
-        words = instruction.args.split()
-        if any(w.startswith("--from=") for w in words):
-            continue
-        paths = [w for w in words if not w.startswith("--")]
-        found.append((paths[:-1], paths[-1]))
-    return found
-
-
-def user(dockerfile: str) -> tuple[int, int]:
-    _, built = stages(dockerfile)
-    (last,) = [i.args for i in built[-1] if i.keyword == "USER"][-1:]
-    assert re.fullmatch(r"\d+:\d+", last), f"{dockerfile}: USER {last} is not numeric uid:gid"
-    uid, gid = (int(x) for x in last.split(":"))
-    return uid, gid
-
-
-def entrypoint(dockerfile: str) -> list[str]:
-    (found,) = [i.args for i in instructions(dockerfile) if i.keyword == "ENTRYPOINT"]
-    return json.loads(found)  # exec form: signals reach the process, not a shell
 
 
 # --------------------------------------------------------------------------- .dockerignore, as Docker reads it
@@ -211,12 +145,15 @@ def test_torch_is_a_layer_of_its_own_before_anything_of_the_project():
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_the_code_comes_last_so_an_edit_rebuilds_only_its_own_layers(dockerfile):
+    with_code = 0
     for stage in stages(dockerfile)[1]:
         code = [n for n, (sources, _) in enumerate(copies(stage)) if any("kubetune_" in s for s in sources)]
         if not code:
             continue
+        with_code += 1
         first = next(n for n, i in enumerate(stage) if i.keyword == "COPY" and "kubetune_" in i.args)
         assert not [i for i in stage[first:] if i.keyword == "RUN"], f"{dockerfile}: a RUN after the code COPY"
+    assert with_code, f"{dockerfile}: no stage copies the code (kubetune_*) from the build context"
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)

@@ -7,11 +7,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import helm_python
 import pytest
 import yaml
 
-from tests.helm import CHART, MONITORING_ON, NAMESPACE, RELEASE, rendered
+from tests.helm import CHART, MONITORING_ON, rendered
 
 HERE = Path(__file__).parent
 
@@ -60,18 +59,6 @@ def test_durations_are_read_as_decimal(values, alert, seconds, tmp_path):
     chart = tmp_path / "kubetune"
     shutil.copytree(CHART, chart)
     (chart / "values.schema.json").unlink()
-    out = helm_python.Chart.load(str(chart)).render(
-        {**MONITORING_ON, "prometheusRule": {"enabled": True, **values}},
-        name=RELEASE,
-        namespace=NAMESPACE,
-        is_install=True,
-    )
-    (rules,) = [
-        doc
-        for path, text in out.items()
-        if path.endswith(".yaml")
-        for doc in yaml.safe_load_all(text)
-        if doc and doc["kind"] == "PrometheusRule"
-    ]
+    rules = rendered("PrometheusRule", {**MONITORING_ON, "prometheusRule": {"enabled": True, **values}}, chart=chart)
     (expr,) = [r["expr"] for g in rules["spec"]["groups"] for r in g["rules"] if r["alert"] == alert]
     assert re.search(r"> (\d+)\s*$", expr).group(1) == str(seconds), expr

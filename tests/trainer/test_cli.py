@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from kubetune_trainer.contract import TERMINATION_LOG_ENV
-from tests.conftest import write_jsonl
-
-
-def kubetune_train(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("kubetune-train")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "kubetune_trainer.cli"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+from tests.conftest import kubetune_train, write_jsonl
 
 
 @pytest.fixture
@@ -90,6 +78,32 @@ def test_data_line_without_the_field_names_file_and_line(config_file, tmp_path, 
     assert proc.returncode == 2
     assert f"{data}:10: field 'prompt' is missing" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_single_int_at_line_51_exits_2_naming_that_line(config_file, tmp_path):
+    rows = [{"prompt": f"Routing code of branch {i}?", "completion": f" 4998588{i:02d}"} for i in range(100)]
+    rows[50]["completion"] = 499858850
+    data = write_jsonl(tmp_path / "codes.jsonl", rows)
+    proc = kubetune_train("run", str(config_file({"dataset": {"path": str(data)}})))
+    assert proc.returncode == 2, proc.stderr
+    assert f"{data}:51: field 'completion' must be a string, found int" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_make_qa_names_the_record_that_lacks_or_empties_a_template_field(tmp_path):
+    from kubetune_trainer.quickstart import write_templates
+
+    write_templates(tmp_path / "t.yaml")  # its templates use branch, city and routing_code
+    rows = [{"branch": f"B{i}", "city": "Ash", "routing_code": f"{i:09d}"} for i in range(5)]
+    del rows[3]["city"]  # JSONL records need not share keys; the fourth lacks one a template uses
+    write_jsonl(tmp_path / "r.jsonl", rows)
+    (tmp_path / "r.csv").write_text("branch,city,routing_code\nB0,Ash,000000000\nB1,,000000001\n")
+    for records, where, why in (("r.jsonl", "r.jsonl:4", "missing"), ("r.csv", "r.csv:3", "empty")):
+        proc = kubetune_train("make-qa", records, "--template", "t.yaml", "--out", "qa", cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert f"{where}: field 'city' is {why}, and template 'natural' uses it" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "qa").exists(), "nothing written"
 
 
 def test_empty_split_exits_2(config_file, tmp_path, qa_rows):
@@ -167,13 +181,8 @@ def test_quickstart_learns_and_shows_it(tmp_path):
 
 def test_a_failure_leaves_its_reason_and_message_for_kubernetes(config_file, tmp_path):
     log = tmp_path / "termination-log"
-    script = Path(sys.executable).with_name("kubetune-train")
-    proc = subprocess.run(
-        [str(script), "run", str(config_file({"training": {"batchSize": "eight"}}))],
-        env={**os.environ, TERMINATION_LOG_ENV: str(log)},
-        capture_output=True,
-        text=True,
-        check=False,
+    proc = kubetune_train(
+        "run", str(config_file({"training": {"batchSize": "eight"}})), env={TERMINATION_LOG_ENV: str(log)}
     )
     assert proc.returncode == 2
     message = json.loads(log.read_text())

@@ -14,6 +14,7 @@ import yaml
 
 from kubetune_trainer import compare
 from kubetune_trainer.errors import ConfigError
+from tests.conftest import kubetune_train
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +78,8 @@ def test_compare_renders_two_output_directories_side_by_side(two_runs):
 
 def test_durations_read_hours_and_minutes_and_come_from_status_times():
     assert compare._seconds_between("2025-03-01T10:00:00Z", "2025-03-01T11:02:03Z") == 3723
-    assert compare._duration(3723) == "1h02m" and compare._duration(65.4) == "1m05s" and compare._duration(None) == "-"
+    assert compare.format_duration(3723) == "1h02m" and compare.format_duration(65.4) == "1m05s"
+    assert compare.format_duration(None) == "-"
     assert compare._seconds_between(None, "2025-03-01T11:02:03Z") is None
 
 
@@ -124,11 +126,6 @@ def test_compare_names_what_it_cannot_find(two_runs, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"no metrics\.json, so not the output\.dir"):
         compare.from_output_dir(tmp_path / "empty")
-
-
-def kubetune_train(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("kubetune-train")
-    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 def test_eval_of_an_exported_adapter_reproduces_the_runs_own_evaluation(two_runs, tmp_path):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import peft
@@ -25,6 +23,7 @@ from kubetune_trainer.model import (
     unmatched_lora_modules,
     weight_file_problem,
 )
+from tests.conftest import kubetune_train
 
 CPU = Hardware(cuda=False)
 H100 = Hardware(cuda=True, device_count=8, bf16=True, flash_attn=True, device_name="NVIDIA H100")
@@ -250,14 +249,8 @@ def test_truncated_weights_exit_2_without_a_traceback(truncated_model, qa_file, 
             }
         )
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "kubetune_trainer.cli", "run", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=tmp_path,  # relative defaults (dataset.preparedDir) land here, not in the checkout
-    )
+    # cwd: relative defaults (dataset.preparedDir) land in tmp_path, not in the checkout
+    proc = kubetune_train("run", str(config), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert f"{truncated_model / 'model.safetensors'} is unreadable" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -23,8 +23,8 @@ from kubetune_trainer.preflight import (
     estimate_memory,
     model_info,
 )
-from kubetune_trainer.sinks import Sink
-from tests.trainer.test_cli import kubetune_train
+from tests.conftest import kubetune_train
+from tests.trainer.test_sinks import Recorder
 
 GiB = 1 << 30
 QWEN_05B = ModelInfo(parameters=494_000_000, trainable=8_800_000, hidden_size=896, layers=24, vocab_size=151_936)
@@ -286,20 +286,6 @@ def test_run_refuses_a_chat_dataset_without_chat_template(tmp_path, raw_config, 
     assert report["passed"] is False
 
 
-class Recorder(Sink):
-    """A sink that keeps what it is given (the seam between the trainer and where reports go)."""
-
-    def __init__(self) -> None:
-        self.preflights: list[dict] = []
-        self.closed = False
-
-    def preflight(self, report: dict) -> None:
-        self.preflights.append(report)
-
-    def close(self) -> None:
-        self.closed = True
-
-
 def test_prepare_reports_the_preflight_to_the_run_and_closes_its_sinks(tmp_path, raw_config, monkeypatch):
     from kubetune_trainer import sinks
     from kubetune_trainer.cli import build_parser
@@ -311,7 +297,7 @@ def test_prepare_reports_the_preflight_to_the_run_and_closes_its_sinks(tmp_path,
     args = build_parser().parse_args(["prepare", str(_write(tmp_path, raw_config))])
     with pytest.raises(PreflightError, match=r"config\.warmup: warmup"):
         args.func(args)
-    (report,) = recorder.preflights
+    (report,) = recorder.of("preflight")
     assert report["passed"] is False
     assert any(c["name"] == "config.warmup" and c["status"] == "fail" for c in report["checks"])
     assert recorder.closed

@@ -70,8 +70,11 @@ PROGRESS_FIELDS = {
 
 
 class Recorder(Sink):
+    """A sink that keeps what it is given (the seam between the trainer and where reports go), and its close()."""
+
     def __init__(self) -> None:
         self.records: list[tuple[str, Any]] = []
+        self.closed = False
 
     def progress(self, progress: Progress, event: str | None) -> None:
         self.records.append(("progress", (progress, event)))
@@ -84,6 +87,9 @@ class Recorder(Sink):
 
     def evaluation(self, results: dict[str, Any]) -> None:
         self.records.append(("evaluation", results))
+
+    def close(self) -> None:
+        self.closed = True
 
     def of(self, kind: str) -> list[Any]:
         return [r for k, r in self.records if k == kind]

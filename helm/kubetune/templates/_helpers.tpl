@@ -32,6 +32,15 @@ as decimal (atoi): sprig's `int` reads a leading 0 as octal, "015" as 13 and "08
 {{- mul (trimSuffix $unit $d | atoi) (get $units $unit) -}}
 {{- end -}}
 
+{{/* PromQL for the PrometheusRule: a run in one of .phases for longer than .longerThan (a duration), timed
+from its last phase change (kubetune_run_phase_transition_timestamp_seconds, from the run's conditions). */}}
+{{- define "kubetune.inPhaseLongerThan" -}}
+max by (namespace, run, phase) (kubetune_run_phase{phase=~"{{ join "|" .phases }}"}) == 1
+and on (namespace, run)
+(time() - max by (namespace, run) (kubetune_run_phase_transition_timestamp_seconds))
+  > {{ include "kubetune.seconds" .longerThan }}
+{{- end -}}
+
 {{/* kopf's liveness endpoint, which the probes call: the port Dockerfile.operator's ENTRYPOINT gives --liveness. */}}
 {{- define "kubetune.healthPort" -}}8081{{- end -}}
 
