@@ -67,19 +67,20 @@ def test_compare_renders_two_output_directories_side_by_side(two_runs):
     assert table[1].split()[0] == "fast" and "3.0e-03" in table[1] and "1.0e-03" in table[2]
     base, tuned = rows[0].base["loss"], rows[0].test["loss"]
     assert f"{base:.4f}->{tuned:.4f}" in table[1], "test loss reads base->fine-tuned"
-    # Duration and throughput come from the run's metrics.json, formatted m:ss and with thousands separators.
+    # Duration and throughput come from the run's metrics.json: '45s' or '1m05s', thousands separators.
     for line, row, result in zip(table[1:], rows, runs.values(), strict=True):
         wall, rate = result.metrics["wall_seconds"], result.metrics["tokens_per_second"]
         assert row.duration_seconds == wall and row.tokens_per_second == rate and wall > 0 and rate > 0
         cells = dict(zip(table[0].split(), line.split(), strict=True))
-        assert cells["TIME"] == f"{round(wall) // 60}m{round(wall) % 60:02d}s"
+        s = round(wall)
+        assert cells["TIME"] == (f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s")
         assert cells["TOK/S"] == f"{rate:,.0f}"
 
 
 def test_durations_read_hours_and_minutes_and_come_from_status_times():
     assert compare._seconds_between("2025-03-01T10:00:00Z", "2025-03-01T11:02:03Z") == 3723
     assert compare.format_duration(3723) == "1h02m" and compare.format_duration(65.4) == "1m05s"
-    assert compare.format_duration(None) == "-"
+    assert compare.format_duration(59.4) == "59s" and compare.format_duration(None) == "-"
     assert compare._seconds_between(None, "2025-03-01T11:02:03Z") is None
 
 
