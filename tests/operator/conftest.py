@@ -90,10 +90,19 @@ class Cluster:
         return sorted(found, key=lambda e: int(e["metadata"]["resourceVersion"]))
 
     def wait_phase(self, name: str, *phases: str, timeout: float = 180) -> dict[str, Any]:
+        return self._wait_status(name, lambda s: s.get("phase") in phases, f"to reach {phases}", timeout)
+
+    def wait_status(self, name: str, timeout: float = 180, **want: Any) -> dict[str, Any]:
+        """The run's status once every given field holds its value, e.g. reason="QuotaExceeded"."""
+        return self._wait_status(name, lambda s: all(s.get(k) == v for k, v in want.items()), f"{want}", timeout)
+
+    def _wait_status(self, name: str, ok: Callable[[dict], bool], what: str, timeout: float) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            status = self.status(name)  # read once: the operator may change it between two reads
+            return status if ok(status) else None
+
         return wait_for(
-            lambda: self.status(name) if self.status(name).get("phase") in phases else None,
-            timeout,
-            f"{name} to reach {phases} (now {self.status(name).get('phase')}: {self.status(name).get('message')})",
+            check, timeout, f"{name} {what} (now {self.status(name).get('phase')}: {self.status(name).get('message')})"
         )
 
     def workspace(self, run: str) -> Path:

@@ -150,11 +150,7 @@ def test_suspend_checkpoints_and_resume_finishes_from_the_checkpoint(cluster, op
 def test_waiting_for_a_gpu_then_a_failed_preflight_is_not_retried(cluster, operator, seed):
     seed(cluster.workspace("gpu"))
     cluster.apply_run("gpu", tiny_spec(**{"resources.gpu": 1, "maxRestarts": 3}))
-    status = wait_for(
-        lambda: cluster.status("gpu") if cluster.status("gpu").get("reason") == "Unschedulable" else None,
-        120,
-        "Queued/Unschedulable",
-    )
+    status = cluster.wait_status("gpu", 120, reason="Unschedulable")
     assert status["phase"] == "Queued"
     assert "Insufficient nvidia.com/gpu" in status["message"]
     assert "spec.resources (gpu, gpuType)" in status["message"]
@@ -259,9 +255,7 @@ def test_a_queued_run_waits_for_kueue_and_suspends_without_fighting_it(cluster, 
             **{"training.maxSteps": 150, "evaluation.evalSteps": 75, "checkpoints.everySteps": 1000},
         ),
     )
-    status = wait_for(
-        lambda: cluster.status("queued") if cluster.status("queued").get("phase") == "Queued" else None, 120, "Queued"
-    )
+    status = cluster.wait_status("queued", 120, phase="Queued")
     assert status["reason"] == "WaitingForAdmission"
     train = next(j for j in cluster.children("jobs", "queued", "batch") if j["metadata"]["name"] == "queued-train")
     assert train["spec"]["suspend"] is True
@@ -284,11 +278,7 @@ def test_a_queued_run_waits_for_kueue_and_suspends_without_fighting_it(cluster, 
         jobs = lambda: [j["metadata"]["name"] for j in cluster.children("jobs", "queued", "batch")]  # noqa: E731
         assert jobs() == ["queued-prepare"]
         cluster.patch_run("queued", {"suspend": False})
-        status = wait_for(
-            lambda: cluster.status("queued") if cluster.status("queued").get("reason") == "WaitingForOldPods" else None,
-            60,
-            "WaitingForOldPods",
-        )
+        status = cluster.wait_status("queued", 60, reason="WaitingForOldPods")
         assert status["phase"] == "Queued" and first["metadata"]["name"] in status["message"]
         assert jobs() == ["queued-prepare"], "no second trainer on the volume while the first still runs"
     finally:
@@ -384,11 +374,7 @@ def test_an_operator_restart_while_the_trainer_runs_creates_nothing_and_the_run_
             )
 
         wait_for(lambda: train_job()["spec"]["backoffLimit"] == 5, 60, "the new operator to reach the live Job")
-        status = wait_for(
-            lambda: cluster.status("restart") if cluster.status("restart").get("observedGeneration") == 2 else None,
-            60,
-            "the new operator to write the run's status",
-        )
+        status = cluster.wait_status("restart", 60, observedGeneration=2)
         assert (status["phase"], status["reason"]) == ("Running", "Training")
         live = cluster.pods("restart-train")
         assert [p["metadata"]["name"] for p in live] == [name] and live[0]["status"]["phase"] == "Running"
@@ -411,11 +397,7 @@ def test_an_operator_restart_while_the_trainer_runs_creates_nothing_and_the_run_
 
 def test_a_missing_secret_is_named_in_the_status_until_it_exists(cluster, operator):
     cluster.apply_run("secret", tiny_spec(hfTokenSecret={"name": "hf", "key": "token"}))
-    status = wait_for(
-        lambda: cluster.status("secret") if cluster.status("secret").get("reason") == "ContainerConfigError" else None,
-        60,
-        "ContainerConfigError",
-    )
+    status = cluster.wait_status("secret", 60, reason="ContainerConfigError")
     assert status["phase"] == "Initializing"
     assert 'secret "hf" not found' in status["message"]
     assert "spec.hfTokenSecret: Secret hf, key token" in status["message"]
@@ -455,11 +437,7 @@ def test_a_new_run_of_a_deleted_runs_name_waits_for_the_old_children_then_delete
     cluster.delete_run("again")
     new = cluster.apply_run("again", spec)
     assert new["metadata"]["uid"] != old["metadata"]["uid"]
-    status = wait_for(
-        lambda: cluster.status("again") if cluster.status("again").get("reason") == "WaitingForOldChildren" else None,
-        60,
-        "WaitingForOldChildren",
-    )
+    status = cluster.wait_status("again", 60, reason="WaitingForOldChildren")
     assert status["phase"] == "Pending"
     assert "ConfigMap again-config still exists from an earlier TrainingRun" in status["message"]
     assert "PersistentVolumeClaim again-workspace" in status["message"]
@@ -492,11 +470,7 @@ def test_a_pod_a_resource_quota_refuses_is_explained_until_the_quota_has_room(cl
     cluster.runner.set_quota("requests.nvidia.com/gpu", 0)
     try:
         cluster.apply_run("quota", tiny_spec(**{"resources.gpu": 1}))
-        status = wait_for(
-            lambda: cluster.status("quota") if cluster.status("quota").get("reason") == "QuotaExceeded" else None,
-            120,
-            "Queued/QuotaExceeded",
-        )
+        status = cluster.wait_status("quota", 120, reason="QuotaExceeded")
         assert status["phase"] == "Queued"
         assert 'Error creating: pods "quota-train-' in status["message"]
         assert "exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1" in status["message"]
