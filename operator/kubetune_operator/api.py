@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import ConfigDict, Field, WithJsonSchema, model_validator
 
 from kubetune_trainer import contract
-from kubetune_trainer.config import ReportingConfig, TrainConfig
+from kubetune_trainer.config import ReportingConfig, Section, TrainConfig
 
 GROUP = contract.API_GROUP
 VERSION = contract.API_VERSION
@@ -38,19 +37,7 @@ Quantity = Annotated[
 FreeForm = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-    )
-    # CEL rules rendered into the CRD as x-kubernetes-validations on this object: (rule, message).
-    # Each mirrors a pydantic validator of the same model; tests/operator/test_crd.py checks they agree.
-    cel_rules: ClassVar[tuple[tuple[str, str], ...]] = ()
-
-
-class ResourcesSpec(_Model):
+class ResourcesSpec(Section):
     gpu: int = Field(1, ge=0, description="GPUs for the training pod; 0 trains on CPU.")
     gpu_resource: str = Field(
         "nvidia.com/gpu", min_length=1, description="Extended resource name of the GPU, e.g. amd.com/gpu."
@@ -68,7 +55,7 @@ class ResourcesSpec(_Model):
     prepare_memory: Quantity = Field("8Gi", description="Memory request and limit of the prepare pod.")
 
 
-class StorageSpec(_Model):
+class StorageSpec(Section):
     size: Quantity = Field("50Gi", description="Size of the run's volume (cache, data, checkpoints, output).")
     storage_class_name: str | None = Field(
         None, description="Storage class of the volume; the cluster default when unset."
@@ -83,12 +70,12 @@ class StorageSpec(_Model):
     )
 
 
-class KeySelector(_Model):
+class KeySelector(Section):
     name: str = Field(min_length=1, max_length=253, description="Name of the Secret or ConfigMap.")
     key: str = Field(min_length=1, max_length=253, description="Key within it.")
 
 
-class EnvVarSource(_Model):
+class EnvVarSource(Section):
     secret_key_ref: KeySelector | None = Field(None, description="A key of a Secret in the run's namespace.")
     config_map_key_ref: KeySelector | None = Field(None, description="A key of a ConfigMap in the run's namespace.")
 
@@ -103,7 +90,7 @@ class EnvVarSource(_Model):
         return self
 
 
-class EnvVar(_Model):
+class EnvVar(Section):
     name: str = Field(
         min_length=1, max_length=253, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name."
     )
@@ -119,7 +106,7 @@ class EnvVar(_Model):
         return self
 
 
-class Toleration(_Model):
+class Toleration(Section):
     key: str | None = Field(
         None, max_length=317, description="Taint key; all taints when unset and operator is Exists."
     )
@@ -267,7 +254,7 @@ class TrainingRunSpec(TrainConfig):
         return TrainConfig.model_validate(self.model_dump(include=set(TrainConfig.model_fields), by_alias=True))
 
 
-class Condition(_Model):
+class Condition(Section):
     type: str = Field(
         description="Initialized, Admitted (runs with a queueName: Kueue admitted the training Job), Running, "
         "Suspended, Succeeded or Failed."
@@ -283,12 +270,12 @@ class Condition(_Model):
 Phase = Literal["Pending", "Initializing", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
 
 
-class OutputStatus(_Model):
+class OutputStatus(Section):
     volume: str = Field(description="PersistentVolumeClaim holding the run's files.")
     path: str = Field(description="Directory of the adapter on that volume.")
 
 
-class TrainingRunStatus(_Model):
+class TrainingRunStatus(Section):
     """Two writers, disjoint fields: the operator writes the first group, the trainer the second."""
 
     model_config = ConfigDict(extra="allow")  # a newer trainer may report fields this operator does not know

@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         alias_generator=to_camel,
@@ -54,7 +54,7 @@ class _Section(BaseModel):
     cel_rules: ClassVar[tuple[tuple[str, str], ...]] = ()
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name_or_path: str = Field(
         description="Base model: a local directory holding config.json, weights and tokenizer files, "
         "or a Hugging Face Hub id such as Qwen/Qwen2.5-0.5B-Instruct.",
@@ -73,7 +73,7 @@ class ModelConfig(_Section):
     )
 
 
-class DatasetConfig(_Section):
+class DatasetConfig(Section):
     path: str = Field(
         min_length=1,
         description="Training data file: .jsonl, .json, .csv or .parquet. When no validation or test "
@@ -135,7 +135,7 @@ class DatasetConfig(_Section):
         return self
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     r: int = Field(16, ge=1, description="LoRA rank: the width of the low-rank update matrices.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator; the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
@@ -158,7 +158,7 @@ class LoraConfig(_Section):
         return [value] if isinstance(value, str) else value
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(Section):
     epochs: float = Field(3.0, gt=0, description="Passes over the training split; ignored when maxSteps is set.")
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps instead of counting epochs."
@@ -200,7 +200,7 @@ class TrainingConfig(_Section):
     )
 
 
-class EvaluationConfig(_Section):
+class EvaluationConfig(Section):
     eval_steps: int | None = Field(
         None,
         ge=1,
@@ -249,7 +249,7 @@ class EvaluationConfig(_Section):
     )
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     dir: str = Field("checkpoints", description="Directory for checkpoints; put it on the run's volume.")
     every_steps: int | None = Field(None, ge=1, description="Save a checkpoint every N optimizer steps.")
     every_minutes: float | None = Field(
@@ -270,14 +270,14 @@ class CheckpointConfig(_Section):
     )
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     dir: str = Field(
         "output",
         description="Directory for the adapter, tokenizer, resolved config, metrics.json and loss curves.",
     )
 
 
-class ReportingConfig(_Section):
+class ReportingConfig(Section):
     metrics_port: int | None = Field(
         None,
         ge=1,
@@ -293,7 +293,7 @@ class ReportingConfig(_Section):
     )
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """A whole training run. A local config file has exactly this shape."""
 
     model: ModelConfig = Field(description="The base model to adapt.")
