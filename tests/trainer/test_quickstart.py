@@ -183,6 +183,9 @@ def test_make_qa_writes_splits_from_a_csv_and_a_template_file(tmp_path):
         ("templates:\n  - kind: exact\n    question: Q?\n    anser: A\n", r"line 4, templates\.0\.anser: unknown"),
         ("templates: [\n", r"templates.yaml:2: not valid YAML"),
         ("promptFormat: 'Q: {q}'\ntemplates: [{kind: a, question: x, answer: y}]\n", "must contain {question}"),
+        ("promptFormat: 'Q: {question} {ctx}'\ntemplates: [{kind: a, question: x, answer: y}]\n", "'ctx'"),
+        ("templates: [{kind: a, question: 'Code of {branch}?', answer: '{code:05d}'}]\n", "'a': Unknown format"),
+        ("templates: [{kind: a, question: '{branch!z}', answer: '{code}'}]\n", "template 'a': Unknown conversion"),
     ],
 )
 def test_a_bad_template_file_is_named_with_its_line(tmp_path, text, message):
@@ -200,7 +203,8 @@ def test_a_malformed_placeholder_is_refused():
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("r.csv", "branch,routing_code\nOak,1,extra\n", r"r.csv:2: 3 columns where the header has 2"),
+        ("r.csv", "branch,routing_code\nOak,1,extra\n", r"r.csv:2: 3 values, but the header \(\S+r.csv:1\) names 2"),
+        ("r.csv", "branch,code,branch\nOak,1,Elm\n", r"r.csv:1: the header names column 'branch' twice"),
         ("r.csv", "branch,routing_code\n", "holds no records"),
         ("r.jsonl", '{"branch": "Oak"}\n{"branch": \n', r"RECORDS: \S+r.jsonl:2: invalid JSON"),
         ("r.jsonl", '["Oak"]\n', r"r.jsonl: element 0 of the array is not an object"),

@@ -38,7 +38,7 @@ import torch
 from kubetune_trainer import checkpoints
 from kubetune_trainer.config import DatasetConfig
 from kubetune_trainer.errors import ConfigError, DataError, first_line, is_disk_full
-from kubetune_trainer.textfiles import csv_records, json_rows
+from kubetune_trainer.textfiles import csv_table, json_rows
 
 log = logging.getLogger(__name__)
 
@@ -146,26 +146,11 @@ def _read_csv(file: Path, setting: str) -> datasets.Dataset:
     """Every column as text, read with the csv module rather than pandas: pandas guesses types (a
     column of routing codes becomes int and loses its leading zeros) and its errors name no line.
     An empty cell is a missing value."""
-    records = csv_records(file, setting)
-    first = next(records, None)
-    if first is None:
+    names, rows = csv_table(file, setting)
+    if not names:
         return datasets.Dataset.from_dict({})
-    header_line, header = first
-    # pandas' name for a header cell left empty, as in the index column of DataFrame.to_csv()
-    names = [name or f"Unnamed: {i}" for i, name in enumerate(header)]
-    duplicate = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if duplicate is not None:
-        raise DataError(
-            f"{setting}: {file}:{header_line}: the header names column {duplicate!r} twice. Rename one of them."
-        )
     columns: list[list[str | None]] = [[] for _ in names]
-    for line, fields in records:
-        if len(fields) != len(names):
-            values = f"{len(fields)} value" + ("s" if len(fields) != 1 else "")
-            raise DataError(
-                f"{setting}: {file}:{line}: {values}, but the header ({file}:{header_line}) names {len(names)} "
-                f"columns ({', '.join(names)}). Fix that line; put values that hold commas in double quotes."
-            )
+    for _, fields in rows:
         for column, value in zip(columns, fields, strict=True):
             column.append(value if value != "" else None)
     features = datasets.Features({name: datasets.Value("string") for name in names})
@@ -178,9 +163,7 @@ def _row_locations(path: str, indices: list[int], setting: str) -> dict[int, str
     if FILE_TYPES.get(file.suffix.lower()) != "csv":
         return {i: f"{path} row {i}" for i in indices}
     wanted, found = set(indices), {}
-    records = csv_records(file, setting)
-    next(records, None)  # the header
-    for i, (line, _) in enumerate(records):
+    for i, (line, _) in enumerate(csv_table(file, setting)[1]):
         if i in wanted:
             found[i] = f"{path}:{line}"
             if len(found) == len(wanted):

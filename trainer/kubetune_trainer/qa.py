@@ -37,7 +37,7 @@ from pydantic.alias_generators import to_camel
 
 from kubetune_trainer.checkpoints import mark_dir, unmarked_files, write_atomic
 from kubetune_trainer.errors import ConfigError, DataError
-from kubetune_trainer.textfiles import csv_records, json_rows
+from kubetune_trainer.textfiles import csv_table, json_rows
 
 PROMPT_FORMAT = "Question: {question}\nAnswer:"
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
@@ -62,6 +62,14 @@ class QATemplate:
                 ) from None
         if "" in names or any(not n.isidentifier() for n in names):
             raise ConfigError(f"template {self.kind!r}: placeholders must name a record field, like {{branch}}.")
+        for text in (self.question, self.answer):  # a format spec or conversion fails only when rendered
+            try:
+                text.format(**dict.fromkeys(names, ""))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"template {self.kind!r}: {exc} in {text!r}; values are text, so write a placeholder as "
+                    "{field} without a format spec or conversion."
+                ) from None
         return names
 
 
@@ -102,6 +110,18 @@ def load_template_file(path: Path) -> TemplateFile:
         raise ConfigError(_explain(exc, TemplateFile, f"--template {path}", root, ())) from None
     if "{question}" not in spec.prompt_format:
         raise ConfigError(f"--template {path}: promptFormat must contain {{question}}.")
+    try:
+        spec.prompt_format.format(question="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"--template {path}: promptFormat {spec.prompt_format!r} cannot be filled in ({exc!r}); its only "
+            "placeholder is {question}, and other braces are written {{ and }}."
+        ) from None
+    for template in spec.to_templates():
+        try:
+            template.fields()
+        except ConfigError as exc:
+            raise ConfigError(f"--template {path}: {exc}") from None
     return spec
 
 
@@ -114,13 +134,8 @@ def read_records(path: Path) -> tuple[list[dict[str, str]], list[str]]:
     records: list[dict[str, str]] = []
     locations: list[str] = []
     if suffix == ".csv":
-        rows = csv_records(path, "RECORDS")
-        _, header = next(rows, (0, []))
+        header, rows = csv_table(path, "RECORDS")
         for line_no, row in rows:
-            if len(row) != len(header):
-                raise DataError(
-                    f"{path}:{line_no}: {len(row)} columns where the header has {len(header)}. Fix that line."
-                )
             records.append(dict(zip(header, row, strict=True)))
             locations.append(f"{path}:{line_no}")
     elif suffix in (".jsonl", ".json"):

@@ -49,6 +49,36 @@ def csv_records(file: Path, setting: str) -> Iterator[tuple[int, list[str]]]:
         raise not_utf8(file, setting, exc) from None
 
 
+def csv_table(file: Path, setting: str) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """The header's column names and the (line, fields) of each row below it; ([], no rows) for an empty file.
+
+    A header cell left empty is named as pandas names it ('Unnamed: 0', the index column of
+    DataFrame.to_csv()); a name given twice, or a row with another number of values, is a DataError."""
+    records = csv_records(file, setting)
+    first = next(records, None)
+    if first is None:
+        return [], iter(())
+    header_line, header = first
+    names = [name or f"Unnamed: {i}" for i, name in enumerate(header)]
+    duplicate = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if duplicate is not None:
+        raise DataError(
+            f"{setting}: {file}:{header_line}: the header names column {duplicate!r} twice. Rename one of them."
+        )
+
+    def rows() -> Iterator[tuple[int, list[str]]]:
+        for line, fields in records:
+            if len(fields) != len(names):
+                values = f"{len(fields)} value" + ("s" if len(fields) != 1 else "")
+                raise DataError(
+                    f"{setting}: {file}:{line}: {values}, but the header ({file}:{header_line}) names {len(names)} "
+                    f"columns ({', '.join(names)}). Fix that line; put values that hold commas in double quotes."
+                )
+            yield line, fields
+
+    return names, rows()
+
+
 def json_rows(file: Path, setting: str) -> Iterator[tuple[str, Any]]:
     """('file:line', row) for each row of a JSON Lines file (or 'file: element i' of a JSON array),
     with the types the file gives them."""
