@@ -21,7 +21,15 @@ from kubetune_trainer.qa import (
     render_pairs,
     split_pairs,
 )
-from kubetune_trainer.quickstart import BRANCH_TEMPLATES, MARKER, branch_records, claim_workdir, write_templates
+from kubetune_trainer.quickstart import (
+    BRANCH_TEMPLATES,
+    BRANCHES,
+    MARKER,
+    branch_records,
+    claim_workdir,
+    write_templates,
+)
+from kubetune_trainer.quickstart import main as quickstart_main
 
 RECORDS = [{"branch": "Oak Plaza", "routing_code": "123456789"}, {"branch": "Elm Street", "routing_code": "987654321"}]
 
@@ -246,3 +254,21 @@ def test_records_that_are_not_utf8_and_an_out_that_is_a_file_are_named(tmp_path)
     with pytest.raises(ConfigError, match=r"--out .*taken is a file"):
         make_qa(records, write_templates(tmp_path / "t.yaml", BRANCH_TEMPLATES[:1]), tmp_path / "taken")
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+@pytest.mark.parametrize("branches", [BRANCHES.start - 1, BRANCHES.stop])
+def test_quickstart_refuses_a_branch_count_it_cannot_split_or_name(tmp_path, branches):
+    with pytest.raises(ConfigError, match=rf"--branches {branches}: the quickstart makes 10 to 48"):
+        quickstart_main(tmp_path / "qs", max_steps=1, branches=branches, samples=0)
+    assert not (tmp_path / "qs").exists(), "refused before anything is written"
+
+
+@pytest.mark.parametrize("branches", [BRANCHES.start, BRANCHES.stop - 1])
+def test_every_allowed_branch_count_has_every_split_and_distinct_names(tmp_path, branches):
+    records = branch_records(branches)
+    assert len({r["branch"] for r in records}) == branches
+    path = tmp_path / "b.csv"
+    rows = [",".join(r.values()) for r in records]
+    path.write_text("\n".join([",".join(records[0]), *rows]) + "\n")
+    made = make_qa(path, write_templates(tmp_path / "t.yaml"), tmp_path / "qa", seed=0)
+    assert all(made.counts.values()), made.counts

@@ -51,6 +51,8 @@ BRANCH_TEMPLATES = (
 _STREETS = ("Maple", "Cedar", "Harbor", "Summit", "River", "Oak", "Pine", "Lake", "Hill", "Park", "Bay", "Elm")
 _KINDS = ("Street", "Plaza", "Square", "Avenue")
 _CITIES = ("Springfield", "Riverton", "Lakeside", "Fairview", "Georgetown", "Ashland")
+# Fewer leave a question type without a validation or test question (10% each); more have no distinct names.
+BRANCHES = range(10, len(_STREETS) * len(_KINDS) + 1)
 
 
 def branch_records(count: int, seed: int = 7) -> list[dict[str, str]]:
@@ -189,6 +191,8 @@ def prepare_workdir(workdir: Path, branches: int, max_steps: int) -> tuple[Train
 def main(workdir: Path, *, max_steps: int, branches: int, samples: int) -> int:
     from kubetune_trainer.train import run
 
+    if branches not in BRANCHES:
+        raise ConfigError(f"--branches {branches}: the quickstart makes {BRANCHES.start} to {BRANCHES.stop - 1}.")
     started = time.monotonic()
     claim_workdir(workdir)
     cfg, made = prepare_workdir(workdir, branches, max_steps)
