@@ -114,6 +114,15 @@ def test_a_key_given_twice_is_named_with_both_lines(tmp_path):
         load_config(path)
 
 
+def test_yaml_merge_keys_still_work_and_keys_that_are_lists_are_named(tmp_path):
+    cfg = parse_config(MINIMAL + "lora:\n  <<: &base {r: 4, alpha: 8}\n  r: 16\n")
+    assert (cfg.lora.r, cfg.lora.alpha) == (16, 8), "a key beside a merge overrides the merged one"
+    with pytest.raises(ConfigError, match=r"cfg.yaml:\d+: .*key 'r' appears twice"):
+        parse_config(MINIMAL + "lora: {r: 4, r: 8}\n", source="cfg.yaml")
+    with pytest.raises(ConfigError, match=r"cfg.yaml:\d+: not valid YAML \(found unhashable key\)"):
+        parse_config(MINIMAL + "? [a, b]\n: 1\n", source="cfg.yaml")
+
+
 def test_a_config_that_is_not_utf8_names_the_line(tmp_path):
     path = tmp_path / "utf16.yaml"
     path.write_text(MINIMAL, encoding="utf-16")  # as PowerShell's Out-File writes it

@@ -376,13 +376,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys given beside it override the base's
+                continue
             key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if key in seen:
+            try:
+                given = key in seen
+            except TypeError:  # a list or mapping as a key: SafeLoader's own error names the line
+                break
+            if given:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice (first on line {seen[key]})", key_node.start_mark
                 )
-            seen[key] = line
+            seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
 
