@@ -263,6 +263,21 @@ def test_kill_9_in_the_middle_of_a_save_leaves_the_previous_checkpoint_usable(ru
     assert_same_losses(config.parent / "output", reference)
 
 
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(run_files):
+    config = run_files("kill-early", **{"checkpoints.everySteps": 30})
+    first = Trainer(config)
+    first.wait_for(r"step (9|1[0-5])/40 \(")
+    first.proc.kill()  # no grace: no checkpoint
+    first.finish()
+    assert not list((config.parent / "checkpoints").glob("checkpoint-*"))
+
+    log = run_to_end(config)
+    assert re.search(r"Dropped \d+ records after step 0 from \S+/progress.jsonl: those steps run again", log)
+    records = [json.loads(line) for line in (config.parent / "output" / "progress.jsonl").open()]
+    logged = [r["step"] for r in records if r["event"] == "log"]
+    assert logged == sorted(set(logged)) and logged[-1] == STEPS
+
+
 def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_one_before_is_used(run_files, reference):
     config = run_files("corrupt", **{"checkpoints.everySteps": 10, "evaluation.highLossSamples": 2})
     stopped, _ = interrupt(config, r"step 2[3-6]/40 \(")

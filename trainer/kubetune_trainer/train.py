@@ -525,15 +525,11 @@ def setup(
     check_output_dir(out, cfg)
     identity = run_identity(cfg)
     existing, resume_from = find_resume(cfg, identity)
-    if resume_from is not None:
-        for log_file in (out / PROGRESS_FILE, out / HIGH_LOSS_FILE):
-            if dropped := drop_records_after(log_file, resume_from.step):
-                log.info(
-                    "Dropped %d records after step %d from %s: those steps run again",
-                    dropped,
-                    resume_from.step,
-                    log_file,
-                )
+    # Steps after the checkpoint (all of them, when there is none yet) run again: their records go.
+    start_step = resume_from.step if resume_from is not None else 0
+    for log_file in (out / PROGRESS_FILE, out / HIGH_LOSS_FILE):
+        if dropped := drop_records_after(log_file, start_step):
+            log.info("Dropped %d records after step %d from %s: those steps run again", dropped, start_step, log_file)
 
     hw = Hardware.detect()
     pf = run_preflight(cfg, hardware=hw, expect_gpus=expect_gpus, stage="run")
