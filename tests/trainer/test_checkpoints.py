@@ -466,6 +466,13 @@ def test_one_run_at_a_time_holds_a_checkpoints_dir(tmp_path):
         assert not scan(root), "the lock file is no checkpoint"
 
 
+def test_a_checkpoints_dir_that_cannot_be_made_is_not_locked_and_taints_no_later_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="own error") as raised, checkpoints.exclusive(tmp_path / "file" / "ckpt"):
+        raise ValueError("the run's own error")
+    assert raised.value.__context__ is None, "an OSError context would read as 'volume full' (is_disk_full)"
+
+
 @pytest.mark.parametrize(
     ("files", "ours"),
     [

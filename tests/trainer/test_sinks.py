@@ -742,3 +742,10 @@ def test_status_reaches_the_api_server_through_an_outage(api_server, make_config
     assert status["evaluation"]["evalLoss"] == pytest.approx(result.metrics["eval_loss"])
     assert status["preflight"]["checks"]
     assert refused and refused[0] >= 1, "the sink kept trying during the outage"
+
+
+def test_an_api_error_without_text_is_named_by_its_type():
+    from kubetune_trainer.sinks import _reason
+
+    assert _reason(ConnectionResetError()) == "ConnectionResetError"  # it raised IndexError in the status thread
+    assert _reason(ApiError(422, "status.progress: Invalid value")) == "status.progress: Invalid value"

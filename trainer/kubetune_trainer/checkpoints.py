@@ -233,6 +233,8 @@ def exclusive(root: Path) -> Iterator[None]:
         make_dirs(root)
         handle = (root / LOCK).open("a+", encoding="utf-8")
     except OSError:
+        handle = None
+    if handle is None:  # yielded outside the except: the run's own errors must not carry this OSError
         yield
         return
     with handle:

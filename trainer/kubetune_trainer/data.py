@@ -37,7 +37,7 @@ import torch
 
 from kubetune_trainer import checkpoints
 from kubetune_trainer.config import DatasetConfig
-from kubetune_trainer.errors import ConfigError, DataError, first_line, is_disk_full
+from kubetune_trainer.errors import ConfigError, DataError, exception_chain, first_line, is_disk_full
 from kubetune_trainer.textfiles import csv_table, json_rows
 
 log = logging.getLogger(__name__)
@@ -130,11 +130,7 @@ def read_table(path: str, setting: str) -> datasets.Dataset:
 
 def _root_cause(exc: BaseException) -> str:
     """The innermost error's first line: datasets wraps the parser's own error in a generic one."""
-    seen = {id(exc)}
-    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        exc = inner
-    return first_line(exc, 10_000).rstrip(".")
+    return first_line(exception_chain(exc)[-1], 10_000).rstrip(".")
 
 
 def _check_json_lines(file: Path, setting: str) -> int:

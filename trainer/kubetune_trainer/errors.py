@@ -123,10 +123,6 @@ class Stopped(BaseException):
         super().__init__(signum.name)
         self.signal = signum
 
-    @property
-    def exit_code(self) -> int:
-        return SIGNAL_EXIT_CODES.get(self.signal, SIGNAL_EXIT_CODES[signal.SIGTERM])
-
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's first line of text (its type's name when it has none), cut to `limit` characters: what a
@@ -175,7 +171,7 @@ def disk_full_message(exc: BaseException) -> str | None:
     if not is_disk_full(exc):
         return None
     where = next(
-        (str(e.filename) for e in _chain(exc) if isinstance(e, OSError) and getattr(e, "filename", None)), None
+        (str(e.filename) for e in exception_chain(exc) if isinstance(e, OSError) and getattr(e, "filename", None)), None
     )
     place = f" writing {where}" if where else ""
     return (
@@ -184,7 +180,8 @@ def disk_full_message(exc: BaseException) -> str | None:
     )
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """The exception, then what caused it or was being handled, down to the innermost."""
     chain: list[BaseException] = []
     seen: BaseException | None = exc
     while seen is not None and seen not in chain:

@@ -28,6 +28,7 @@ from pydantic.alias_generators import to_camel
 from kubetune_trainer import contract
 from kubetune_trainer.config import TrainConfig
 from kubetune_trainer.contract import PROGRESS_FILE
+from kubetune_trainer.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +389,8 @@ def _reason(exc: BaseException) -> str:
     if body:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             return str(json.loads(body)["message"])
-    return str(getattr(exc, "reason", None) or exc).strip().splitlines()[0][:300]
+    reason = str(getattr(exc, "reason", None) or "").strip()  # ApiException's HTTP reason, e.g. "Forbidden"
+    return reason.splitlines()[0][:300] if reason else first_line(exc, 300)
 
 
 class KubernetesStatusSink(Sink):
