@@ -135,8 +135,9 @@ class Kube:
         return None
 
     def _check_existing(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """A 409: the object, if it is this run's; ChildBlocked if another owner holds the name. An object
-        without owner (the volume that outlives runs) is the one to use, whoever made it."""
+        """A 409: the object, if it is this run's; ChildBlocked otherwise. An object without owner (the volume
+        an earlier run of this name kept) is used by a run that keeps its volume too, not adopted by one that
+        would delete it; one another owner holds, or being deleted, goes with it (garbage collection)."""
         meta = manifest["metadata"]
         owner = controller_uid(manifest)
         _, read = self._verbs[manifest["kind"]]
@@ -146,13 +147,21 @@ class Kube:
             if exc.status == 404:  # gone between the create and the read: the next pass creates it
                 raise ChildBlocked(c.REASON_BLOCKED, f"{manifest['kind']} {meta['name']} was just deleted.") from exc
             raise
-        if owner is None:
-            return found
-        if controller_uid(found) != owner or found["metadata"].get("deletionTimestamp"):
+        holder = controller_uid(found)
+        if holder not in (None, owner) or found["metadata"].get("deletionTimestamp"):
             raise ChildBlocked(
                 c.REASON_BLOCKED,
                 f"{manifest['kind']} {meta['name']} still exists from an earlier TrainingRun of this name (or is "
                 "being deleted); waiting for Kubernetes to remove it before creating this run's own.",
+            )
+        if holder is None and owner is not None:
+            volume = manifest["kind"] == "PersistentVolumeClaim"
+            keep = " or set spec.storage.deleteWithRun: false to train on it" if volume else ""
+            raise ChildBlocked(
+                c.REASON_BLOCKED,
+                f"{manifest['kind']} {meta['name']} exists and belongs to no TrainingRun (an earlier run of this "
+                f"name kept it, or it was made by hand); this run would delete it with itself, so it waits. "
+                f"Delete it (kubectl -n {meta['namespace']} delete {manifest['kind'].lower()} {meta['name']}){keep}.",
             )
         return found
 

@@ -381,15 +381,7 @@ def test_a_pod_the_job_controller_cannot_create_is_explained_from_its_failed_cre
 
 def test_a_run_applied_again_under_its_name_says_its_volume_is_the_earlier_runs(server, kube):
     run = Run(server, kube)
-    claim = {
-        "metadata": {
-            "name": f"{run.name}-workspace",
-            "labels": {c.LABEL_RUN: run.name},
-            "annotations": {c.ANNOTATION_RUN_UID: "uid-of-the-deleted-run"},
-        },
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-    }
-    server.call(lambda: server.create(server.resource("", "persistentvolumeclaims"), NS, claim))
+    _kept_volume(server, run, annotations={c.ANNOTATION_RUN_UID: "uid-of-the-deleted-run"})
     derived = run.reconcile()
     assert derived.summary == (c.INITIALIZING, c.REASON_VOLUME_OF_EARLIER_RUN)
     assert f"Volume {run.name}-workspace existed before this run" in derived.message
@@ -494,6 +486,40 @@ def test_a_kueue_run_whose_spec_turns_invalid_has_its_job_deleted(server, kube):
     run.patch_spec(maxRestarts=-1)
     assert run.reconcile().summary == (c.SUSPENDED, c.REASON_INVALID_SPEC)
     assert run.job(c.TRAIN) is None
+
+
+def _kept_volume(server, run, **meta) -> None:
+    claim = {
+        "metadata": {"name": f"{run.name}-workspace", "labels": {c.LABEL_RUN: run.name}, **meta},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    server.call(lambda: server.create(server.resource("", "persistentvolumeclaims"), NS, claim))
+
+
+def test_a_run_that_deletes_its_volume_does_not_take_over_a_kept_one(server, kube):
+    run = Run(server, kube, storage={"deleteWithRun": True})
+    _kept_volume(server, run, annotations={c.ANNOTATION_RUN_UID: "uid-of-the-deleted-run"})
+    with pytest.raises(ChildBlocked):
+        run.reconcile()
+    assert run.status["reason"] == c.REASON_BLOCKED
+    assert f"kubectl -n {NS} delete persistentvolumeclaim {run.name}-workspace" in run.status["message"]
+    assert "spec.storage.deleteWithRun: false" in run.status["message"]
+    claim = server.call(lambda: server.get(server.resource("", "persistentvolumeclaims"), NS, f"{run.name}-workspace"))
+    assert not claim["metadata"].get("ownerReferences"), "not adopted: deleting this run would delete it"
+    assert run.job(c.PREPARE) is None
+
+
+def test_a_run_that_keeps_its_volume_waits_for_one_the_garbage_collector_is_removing(server, kube):
+    run = Run(server, kube)
+    owner = {"apiVersion": "kubetune.io/v1alpha1", "kind": "TrainingRun", "name": run.name, "uid": "0ld-0wner"}
+    _kept_volume(server, run, finalizers=["kubetune.test/hold"], ownerReferences=[{**owner, "controller": True}])
+    with pytest.raises(ChildBlocked):
+        run.reconcile()
+    assert (
+        f"PersistentVolumeClaim {run.name}-workspace still exists from an earlier TrainingRun"
+        in (run.status["message"])
+    )
+    assert run.job(c.PREPARE) is None, "no Job on a volume about to be deleted"
 
 
 def test_a_deleted_runs_children_are_not_adopted_by_a_new_run_of_the_same_name(server, kube):
