@@ -8,9 +8,10 @@ CRD from these models: descriptions, defaults, enums and the CEL rules declared 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from kubetune_trainer import contract
 from kubetune_trainer.config import ReportingConfig, Section, TrainConfig
@@ -26,12 +27,23 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 # A Kubernetes resource quantity: 4, "500m", "32Gi". Rendered as int-or-string like the core API.
 _QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+
+
+def _quantity(value: Any) -> Any:
+    """The CRD's pattern, checked here too: an old CRD lets a bad value through to a 422 on the Job."""
+    ok = isinstance(value, str) and re.fullmatch(_QUANTITY, value) and not value.startswith("-")
+    if not ok and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise ValueError(f"must be a Kubernetes quantity such as 4, 500m or 32Gi, not {value!r}")
+    return value
+
+
 Quantity = Annotated[
     int | str,
+    Field(union_mode="left_to_right"),
+    BeforeValidator(_quantity),
     WithJsonSchema(
         {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": _QUANTITY}
     ),
-    Field(union_mode="left_to_right"),
 ]
 # A free-form object checked by the API server where it is used (affinity).
 FreeForm = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]

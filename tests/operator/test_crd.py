@@ -175,6 +175,23 @@ def test_the_schema_rejects_a_value_outside_an_enum(schema, obj):
     jsonschema.Draft4Validator(schema).validate(valid)
 
 
+@pytest.mark.parametrize(
+    ("value", "ok"), [("500m", True), ("32Gi", True), ("1.5e3", True), (4, True), ("lots", False), ("4 Gi", False)]
+)
+def test_a_quantity_is_checked_alike_by_the_crd_and_the_operator(value, ok):
+    """An old CRD (or none) lets a bad one through: the operator names the field before any Job gets a 422."""
+    import jsonschema
+
+    from kubetune_operator.handlers import validate
+
+    spec = {**VALID, "resources": {"cpu": value}}
+    crd_ok = jsonschema.Draft4Validator(SPEC_SCHEMA).is_valid(spec)
+    parsed, problem = validate(spec, "run")
+    assert (crd_ok, parsed is not None) == (ok, ok), problem
+    if not ok:
+        assert f"spec.resources.cpu: must be a Kubernetes quantity such as 4, 500m or 32Gi, not {value!r}" in problem
+
+
 def test_printer_columns_and_names():
     version = CRD["spec"]["versions"][0]
     assert [col["name"] for col in version["additionalPrinterColumns"] if not col.get("priority")] == [
