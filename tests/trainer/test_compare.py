@@ -165,6 +165,26 @@ def test_eval_without_a_test_split_says_what_to_set(two_runs, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_eval_refuses_what_it_would_overwrite_or_cannot_use_before_loading_anything(two_runs, tmp_path):
+    from kubetune_trainer.config import load_config
+    from kubetune_trainer.evaluate import run_eval
+
+    out = two_runs[0]["fast"].output_dir
+    cfg = load_config(out / "config.yaml", ["model.nameOrPath=/nowhere/model", "dataset.path=/nowhere/data.jsonl"])
+    # Checked first, so neither the missing model nor the missing data is what it says.
+    with pytest.raises(ConfigError, match=r"--adapter \S+: no adapter_config\.json there"):
+        run_eval(cfg, tmp_path)
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "eval.json").write_text("mine")
+    with pytest.raises(ConfigError, match=r"--out \S+results holds eval.json that kubetune did not write"):
+        run_eval(cfg, out, mine)
+    assert (mine / "eval.json").read_text() == "mine"
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(ConfigError, match=r"--out \S+taken is a file"):
+        run_eval(cfg, out, tmp_path / "taken")
+
+
 def test_make_qa_on_the_command_line(tmp_path):
     from kubetune_trainer.quickstart import write_templates
 

@@ -28,9 +28,9 @@ from typing import Any, Literal
 import jinja2
 import torch
 
-from kubetune_trainer.checkpoints import write_atomic
+from kubetune_trainer.checkpoints import OUTPUT_MARKER, mark_dir, unmarked_files, write_atomic
 from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.contract import EVAL_FILE, PREDICTIONS_FILE
+from kubetune_trainer.contract import ADAPTER_FILES, EVAL_FILE, PREDICTIONS_FILE
 from kubetune_trainer.data import IGNORE_INDEX, PaddingCollator, PreparedData
 from kubetune_trainer.errors import ConfigError, DataError
 from kubetune_trainer.sinks import camel, finite_or_none
@@ -342,11 +342,7 @@ def evaluate(
     generation batch; stage is one of STAGES, done counts test rows (loss) or prompts (generation)
     and reaches total at the end of each stage. It lets a caller show that a long final evaluation
     is alive; it runs on this thread between batches, so it must be quick."""
-    if data.test is None:
-        raise DataError(
-            "There is no test split to evaluate: set dataset.testSplit above 0 or give dataset.testPath.",
-            check="dataset.test",
-        )
+    require_test_split(data)
     started = time.monotonic()
     e = cfg.evaluation
     batch = e.batch_size or cfg.training.batch_size
@@ -407,6 +403,28 @@ def evaluate(
         seconds=round(time.monotonic() - started, 3),
         predictions=predictions,
     )
+
+
+def require_test_split(data: PreparedData) -> None:
+    if data.test is None:
+        raise DataError(
+            "There is no test split to evaluate: set dataset.testSplit above 0 or give dataset.testPath.",
+            check="dataset.test",
+        )
+
+
+def claim_eval_dir(out_dir: Path) -> None:
+    """`eval --out`: refuse a file, or a folder of someone else's eval.json or predictions.jsonl (they would be
+    replaced); mark the folder as kubetune's, so the next eval there may replace its own."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; give a directory for eval.json and predictions.jsonl.")
+    theirs = unmarked_files(out_dir, OUTPUT_MARKER) & {EVAL_FILE, PREDICTIONS_FILE}
+    if theirs:
+        raise ConfigError(
+            f"--out {out_dir} holds {' and '.join(sorted(theirs))} that kubetune did not write; eval would replace "
+            "them. Give a new or empty directory, or move them away."
+        )
+    mark_dir(out_dir, OUTPUT_MARKER, "written by kubetune-train: its adapter, reports and logs")
 
 
 def write_report(report: EvalReport, out_dir: Path) -> None:
@@ -490,15 +508,10 @@ def fit_problems(
     return "; ".join(problems) or None
 
 
-def load_adapter(base: Any, adapter_dir: Path, cfg: TrainConfig) -> Any:
-    """The exported adapter on the base model, or a ConfigError that says what does not match.
-
-    Every weight must fit: a shape mismatch (another width), weights for modules the base lacks
-    (a deeper model) and modules without weights (a shallower model) are all refused; peft
-    itself only warns about the last and drops the second silently."""
-    from peft import PeftConfig, get_peft_model
-
-    config_file = adapter_dir / "adapter_config.json"
+def adapter_base_name(adapter_dir: Path) -> str | None:
+    """The base model an exported adapter names, after checking its files are there (cheap: before any
+    model is loaded); a ConfigError names what is missing."""
+    config_file = adapter_dir / ADAPTER_FILES[0]
     if not config_file.is_file():
         raise ConfigError(
             f"--adapter {adapter_dir}: no adapter_config.json there. Point it at a run's output.dir "
@@ -508,13 +521,25 @@ def load_adapter(base: Any, adapter_dir: Path, cfg: TrainConfig) -> Any:
         trained_on = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError) as exc:
         raise ConfigError(f"--adapter {adapter_dir}: adapter_config.json is unreadable ({exc}).") from None
-    weights = [adapter_dir / f for f in ("adapter_model.safetensors", "adapter_model.bin")]
+    weights = [adapter_dir / f for f in (ADAPTER_FILES[1], "adapter_model.bin")]  # .bin: older peft
     if not any(w.is_file() for w in weights):
         # peft would look for the weights on the Hugging Face Hub instead, and fail there.
         raise ConfigError(
             f"--adapter {adapter_dir}: adapter_config.json but no adapter_model.safetensors. Copy the whole "
             "output.dir of the run, or point --adapter at it."
         )
+    return trained_on
+
+
+def load_adapter(base: Any, adapter_dir: Path, cfg: TrainConfig) -> Any:
+    """The exported adapter on the base model, or a ConfigError that says what does not match.
+
+    Every weight must fit: a shape mismatch (another width), weights for modules the base lacks
+    (a deeper model) and modules without weights (a shallower model) are all refused; peft
+    itself only warns about the last and drops the second silently."""
+    from peft import PeftConfig, get_peft_model
+
+    trained_on = adapter_base_name(adapter_dir)
     name = cfg.model.name_or_path
     remedy = "Evaluate it with the config of the run that made it, or set model.nameOrPath to its base model."
     try:
@@ -570,9 +595,13 @@ def run_eval(cfg: TrainConfig, adapter_dir: Path | None = None, out_dir: Path | 
     from kubetune_trainer.model import Hardware, load_model, load_tokenizer, resolve_attention, resolve_precision
 
     adapter_dir = adapter_dir or Path(cfg.output.dir)
+    adapter_base_name(adapter_dir)
+    if out_dir is not None:
+        claim_eval_dir(out_dir)
     hw = Hardware.detect()
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_or_load(cfg.dataset, tokenizer)
+    require_test_split(data)
     precision = resolve_precision(cfg.training.precision, hw)
     base = load_model(cfg.model, precision, resolve_attention(cfg.model.attn_implementation, hw))
     model = load_adapter(base.to("cuda" if hw.cuda else "cpu"), adapter_dir, cfg)
