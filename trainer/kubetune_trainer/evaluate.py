@@ -33,6 +33,7 @@ from kubetune_trainer.config import TrainConfig
 from kubetune_trainer.contract import ADAPTER_FILES, EVAL_FILE, PREDICTIONS_FILE
 from kubetune_trainer.data import IGNORE_INDEX, PaddingCollator, PreparedData
 from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.report import token_losses
 from kubetune_trainer.sinks import camel, finite_or_none
 
 log = logging.getLogger(__name__)
@@ -263,15 +264,8 @@ def token_loss(
         for start in range(0, len(order), batch_size):
             batch = collate([dataset[i] for i in order[start : start + batch_size]])
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            logits = logits.logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            count += int((labels != IGNORE_INDEX).sum())  # on the CPU: no device sync per batch
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                labels.to(device).reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ).double()
+            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # on the CPU: no device sync per batch
+            total += token_losses(logits.logits, batch["labels"].to(device), IGNORE_INDEX).sum(dtype=torch.float64)
             if progress is not None:
                 progress(min(start + batch_size, len(order)), len(order))
     finally:

@@ -215,8 +215,8 @@ def write_loss_curves(log_history: list[dict[str, Any]], path: Path, title: str)
 
 
 @torch.no_grad()
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sample over its target tokens, shape [batch].
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy at each position, 0 where the label is ignored, shape [batch, length - 1].
 
     Computed in chunks of positions so the float32 temporaries stay near 128 MB whatever the
     vocabulary, and without a device sync (fixed chunk sizes, no nonzero()).
@@ -231,8 +231,13 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
         losses[start:end] = torch.nn.functional.cross_entropy(
             flat_logits[start:end].float(), flat_labels[start:end], ignore_index=ignore_index, reduction="none"
         )
+    return losses.view(batch, length - 1)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sample over its target tokens, shape [batch]."""
     mask = (labels[:, 1:] != ignore_index).float()
-    return (losses.view(batch, length - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return token_losses(logits, labels, ignore_index).sum(1) / mask.sum(1).clamp(min=1)
 
 
 class HighLossSamples(TrainerCallback):
