@@ -82,16 +82,11 @@ def from_output_dir(path: Path) -> RunSummary:
             f"{path}: no metrics.json, so not the output.dir of a finished kubetune run. Point at the directory "
             "holding adapter_model.safetensors and metrics.json."
         )
+    config_file, eval_file = path / contract.CONFIG_FILE, path / contract.EVAL_FILE
     try:
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-        config = (
-            yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-            if (path / "config.yaml").is_file()
-            else {}
-        )
-        evaluation = (
-            json.loads((path / "eval.json").read_text(encoding="utf-8")) if (path / "eval.json").is_file() else {}
-        )
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        evaluation = json.loads(eval_file.read_text(encoding="utf-8")) if eval_file.is_file() else {}
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read the run's files ({exc}).") from None
     return RunSummary(

@@ -79,9 +79,6 @@ def resolve_attention(requested: str, hw: Hardware) -> str:
     return "flash_attention_2" if hw.flash_attn else "sdpa"
 
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def download_patterns(repo_files: list[str], trust_remote_code: bool) -> list[str]:
     """What to fetch of a Hub repository: config, tokenizer and one copy of the weights, safetensors when the
     repository has them (many also carry the same weights as pytorch_model.bin), else the .bin files."""
