@@ -114,7 +114,7 @@ def run_config(run: RunRef, spec: api.TrainingRunSpec) -> TrainConfig:
         return config
 
     def own(path: str) -> str:
-        return path if PurePosixPath(path).is_absolute() else str(PurePosixPath(c.RUNS_DIR, run.name, path))
+        return run_path(run, spec, path)
 
     prepared_dir = config.dataset.prepared_dir
     return config.model_copy(
@@ -126,9 +126,17 @@ def run_config(run: RunRef, spec: api.TrainingRunSpec) -> TrainConfig:
     )
 
 
+def run_path(run: RunRef, spec: api.TrainingRunSpec, path: str) -> str:
+    """A path of the run's config as its trainer sees it: relative ones under runs/<run>/ on a shared claim."""
+    if not spec.storage.existing_claim or PurePosixPath(path).is_absolute():
+        return path
+    return str(PurePosixPath(c.RUNS_DIR, run.name, path))
+
+
 def output_path(run: RunRef, spec: api.TrainingRunSpec) -> str:
-    """Where the adapter lands, as an absolute path in the trainer pods (status.output.path)."""
-    out = PurePosixPath(run_config(run, spec).output.dir)
+    """Where the adapter lands, as an absolute path in the trainer pods (status.output.path). Every reconcile
+    asks, so it reads output.dir from the spec rather than building the whole trainer config."""
+    out = PurePosixPath(run_path(run, spec, spec.output.dir))
     return str(out if out.is_absolute() else PurePosixPath(c.WORKSPACE) / out)
 
 
