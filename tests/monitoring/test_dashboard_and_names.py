@@ -12,8 +12,9 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune_operator.metrics import OperatorMetrics
-from kubetune_trainer.sinks import Progress, PrometheusSink
+from kubetune_operator.crd import PRINTER_COLUMNS
+from kubetune_operator.metrics import PROGRESS_GAUGES, OperatorMetrics
+from kubetune_trainer.sinks import Progress, PrometheusSink, as_status
 from tests.helm import CHART, MONITORING_ON, rendered
 from tests.operator.conftest import free_port
 
@@ -22,32 +23,33 @@ DASHBOARD = CHART / "files" / "grafana-dashboard.json"
 NOT_METRICS = {"le", "by", "on", "or", "and", "unless", "without", "bool"}
 
 
+# One progress record as the trainer makes it, every field set.
+PROGRESS = Progress(
+    step=5,
+    total_steps=10,
+    epoch=0.5,
+    percent=50.0,
+    eta_seconds=5.0,
+    eta="5s",
+    train_loss=2.0,
+    eval_loss=2.1,
+    learning_rate=1e-3,
+    grad_norm=0.4,
+    tokens_per_second=900.0,
+    samples_per_second=8.0,
+    tokens_seen=4500,
+    samples_seen=40,
+    gpu_memory_peak_bytes=1 << 30,
+    non_finite_steps=0,
+    last_update_time="2026-11-22T10:01:00Z",
+)
+
+
 def exported_names() -> set[str]:
     """Sample names the trainer's and the operator's endpoints really serve, everything set."""
     sink = PrometheusSink(free_port())
     try:
-        sink.progress(
-            Progress(
-                step=5,
-                total_steps=10,
-                epoch=0.5,
-                percent=50.0,
-                eta_seconds=5.0,
-                eta="5s",
-                train_loss=2.0,
-                eval_loss=2.1,
-                learning_rate=1e-3,
-                grad_norm=0.4,
-                tokens_per_second=900.0,
-                samples_per_second=8.0,
-                tokens_seen=4500,
-                samples_seen=40,
-                gpu_memory_peak_bytes=1 << 30,
-                non_finite_steps=0,
-                last_update_time="x",
-            ),
-            None,
-        )
+        sink.progress(PROGRESS, None)
         trainer = generate_latest(sink.registry).decode()
     finally:
         sink.close()
@@ -58,19 +60,7 @@ def exported_names() -> set[str]:
             "restarts": 1,
             "startTime": "2026-11-22T10:00:00Z",
             "conditions": [{"type": "Running", "status": "True", "lastTransitionTime": "2026-11-22T10:00:00Z"}],
-            "progress": {
-                "step": 5,
-                "totalSteps": 10,
-                "trainLoss": 2.0,
-                "evalLoss": 2.1,
-                "learningRate": 1e-3,
-                "gradNorm": 0.4,
-                "tokensPerSecond": 900.0,
-                "etaSeconds": 5.0,
-                "gpuMemoryPeakBytes": 1 << 30,
-                "nonFiniteSteps": 0,
-                "lastUpdateTime": "2026-11-22T10:01:00Z",
-            },
+            "progress": as_status(PROGRESS),  # status.progress exactly as the trainer's status sink writes it
         },
     }
     metrics = OperatorMetrics(lambda: [body])
@@ -238,3 +228,14 @@ def test_the_dashboard_is_valid_json_with_the_datasource_as_a_variable():
     config_map = rendered("ConfigMap", MONITORING_ON)
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(config_map["data"]["kubetune.json"]) == dash
+
+
+def test_the_operator_reads_the_progress_fields_the_trainer_writes():
+    """The gauges and the kubectl columns name status.progress fields by hand: a renamed Progress field would
+    leave them empty without an error anywhere."""
+    written = as_status(PROGRESS)
+    read = {field for _, field in PROGRESS_GAUGES.values()}
+    read |= {
+        col["jsonPath"].removeprefix(".status.progress.") for col in PRINTER_COLUMNS if ".progress." in col["jsonPath"]
+    }
+    assert read and read <= set(written), sorted(read - set(written))
