@@ -115,7 +115,7 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def _seal(file: Path, chunk: int = 1 << 20) -> dict[str, Any]:
+def _seal(file: Path, chunk: int = 1 << 20) -> _FileEntry:
     """fsync a file and hash it in the same pass: one open, one read."""
     digest = hashlib.sha256()
     size = 0
@@ -124,7 +124,7 @@ def _seal(file: Path, chunk: int = 1 << 20) -> dict[str, Any]:
             digest.update(block)
             size += len(block)
         os.fsync(fh.fileno())
-    return {"size": size, "sha256": digest.hexdigest()}
+    return _FileEntry(size=size, sha256=digest.hexdigest())
 
 
 def write_atomic(path: Path, text: str, *, durable: bool = False) -> None:
@@ -162,18 +162,16 @@ def commit(
     _fsync_deepest_first({f.parent for f in files})
     if eval_loss is not None and not math.isfinite(eval_loss):
         eval_loss = None  # manifest.json stays strict JSON; a NaN evaluation is no one's best
-    write_manifest(
-        staging,
-        {
-            "format": 1,
-            "step": step,
-            "epoch": epoch,
-            "eval_loss": eval_loss,
-            "fingerprint": fingerprint,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": entries,
-        },
+    manifest = Manifest(
+        format=1,
+        step=step,
+        epoch=float(epoch),
+        eval_loss=eval_loss,
+        fingerprint=fingerprint,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        files=entries,
     )
+    write_manifest(staging, manifest.model_dump(mode="json"))
 
     final = root / checkpoint_name(step)
     if final.exists():
