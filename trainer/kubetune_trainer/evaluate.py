@@ -67,21 +67,17 @@ class WhitespaceTokenizer:
 def error_rate(references: Sequence[str], predictions: Sequence[str], *, unit: Literal["char", "word"]) -> float:
     """Corpus edit rate over characters (unit="char") or words (unit="word"): edits / reference length.
 
-    An empty reference has length 0, and every character or word predicted for it is an insertion, so a
-    non-empty answer where none was expected counts as errors (jiwer refuses empty references, so those
-    rows are counted here). When every reference is empty the rate is 0.0 if every prediction is empty
-    too, else 1.0: there is no length to divide by, and the answers are wrong."""
+    jiwer (4.0 on) counts every character or word predicted for an empty reference as an insertion, so a
+    non-empty answer where none was expected counts as errors. When every reference is empty the rate is
+    0.0 if every prediction is empty too, else 1.0: there is no length to divide by, and the answers are wrong."""
     import jiwer
 
-    chars = unit == "char"
-    scored = [(r, p) for r, p in zip(references, predictions, strict=True) if r]
-    errors, length = 0, 0
-    if scored:
-        process = jiwer.process_characters if chars else jiwer.process_words
-        out = process([r for r, _ in scored], [p for _, p in scored])
-        errors = out.substitutions + out.deletions + out.insertions
-        length = out.hits + out.substitutions + out.deletions
-    errors += sum(len(p) if chars else len(p.split()) for r, p in zip(references, predictions, strict=True) if not r)
+    if not references:
+        return 0.0
+    process = jiwer.process_characters if unit == "char" else jiwer.process_words
+    out = process(list(references), list(predictions))
+    errors = out.substitutions + out.deletions + out.insertions
+    length = out.hits + out.substitutions + out.deletions
     if length == 0:
         return 0.0 if errors == 0 else 1.0
     return errors / length
