@@ -14,6 +14,7 @@ learn a vocabulary in minutes. On a real pretrained model leave modulesToSave em
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import random
@@ -155,7 +156,10 @@ def claim_workdir(workdir: Path) -> None:
             f"--dir {workdir} exists and was not made by `kubetune-train quickstart`; choose another --dir."
         )
     if (workdir / MARKER).exists():
-        print(f"Starting over in {workdir}/ (replacing the earlier quickstart's model, data, checkpoints and output)")
+        print(
+            f"Starting over in {workdir}/ (replacing the earlier quickstart's model, data, checkpoints and output, "
+            "and writing config.yaml and templates.yaml afresh: run edited copies with `kubetune-train run`)"
+        )
         for name in ("base-model", "prepared", "checkpoints", "output"):
             shutil.rmtree(workdir / name, ignore_errors=True)
     mark_dir(workdir, MARKER, "made by kubetune-train quickstart; rerunning it replaces this directory")
@@ -165,7 +169,7 @@ def write_templates(path: Path, templates: Sequence[QATemplate] = BRANCH_TEMPLAT
     """The question templates as a `make-qa --template` file, for a user to copy and edit."""
     import yaml
 
-    body = {"templates": [{"kind": t.kind, "question": t.question, "answer": t.answer} for t in templates]}
+    body = {"templates": [dataclasses.asdict(t) for t in templates]}
     path.write_text(yaml.safe_dump(body, sort_keys=False, width=200), encoding="utf-8")
     return path
 
