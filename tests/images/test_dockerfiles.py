@@ -121,6 +121,19 @@ def test_the_image_keeps_the_distributions_metadata_but_not_its_empty_packages(d
     assert "PYTHONPATH=/opt/kubetune" in env.split()
 
 
+def test_both_images_set_up_pip_and_install_their_dependencies_alike():
+    """Dockerfiles cannot share a step: the copies in the two must not drift (a CA fix made in one only)."""
+
+    def steps(dockerfile: str) -> list[str]:
+        _, built = stages(dockerfile)
+        return [i.args for i in built[0] if i.keyword == "RUN" and ("build-pip" in i.args or "/tmp/pkg" in i.args)]
+
+    trainer = [step for step in steps("Dockerfile.trainer") if "TORCH" not in step]  # torch: the trainer's own
+    operator = steps("Dockerfile.operator")
+    assert len(trainer) == len(operator) == 2
+    assert [step.replace("[trainer]", "[operator]") for step in trainer] == operator
+
+
 def test_the_operator_starts_kopf_with_its_liveness_endpoint():
     command = entrypoint("Dockerfile.operator")
     assert command[:3] == ["kopf", "run", "--standalone"]
