@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer import contract
 from kubetune_trainer.errors import (
     GRACE_EXPIRED_EXIT_CODE,
     Interrupted,
@@ -65,11 +64,11 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     from kubetune_trainer.checkpoints import claim_output_dir
     from kubetune_trainer.model import Hardware
-    from kubetune_trainer.preflight import run_preflight, write_report
+    from kubetune_trainer.preflight import publish, run_preflight
 
     claim_output_dir(Path(cfg.output.dir))  # a user's folder is refused before anything is written to it
     report = run_preflight(cfg, hardware=Hardware.detect(), expect_gpus=args.expect_gpus, stage="run").report
-    write_report(report, Path(cfg.output.dir) / contract.PREFLIGHT_FILE)
+    publish(report, Path(cfg.output.dir), title=None)  # printed below
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif args.verbose or not report.failed:
@@ -84,22 +83,18 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     from kubetune_trainer.checkpoints import claim_output_dir
     from kubetune_trainer.model import Hardware, fetch_model
-    from kubetune_trainer.preflight import run_preflight, write_report
+    from kubetune_trainer.preflight import publish, run_preflight
     from kubetune_trainer.sinks import Reporter, default_sinks
 
     claim_output_dir(Path(cfg.output.dir))
     fetch_model(cfg.model)
     pf = run_preflight(cfg, hardware=Hardware(cuda=False), expect_gpus=0, stage="prepare")
-    write_report(pf.report, Path(cfg.output.dir) / contract.PREFLIGHT_FILE)
+    publish(pf.report, Path(cfg.output.dir), title="Preflight (data and model)")
     reporter = Reporter(default_sinks(cfg))
     try:
         reporter.preflight(pf.report.to_dict())  # the TrainingRun's status.preflight, while it is Initializing
     finally:
         reporter.close()
-    if pf.report.failed:
-        log.debug("Preflight (data and model):\n%s", pf.report.render())
-    else:
-        log.info("Preflight (data and model):\n%s", pf.report.render())
     pf.report.raise_if_failed()
     if not cfg.dataset.prepared_dir:
         log.warning("dataset.preparedDir is not set: the data was checked but not saved for `run` to reuse")

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kubetune_trainer import checkpoints
+from kubetune_trainer import checkpoints, contract
 from kubetune_trainer.config import TrainConfig, steps_per_epoch, total_steps, warmup_steps
 from kubetune_trainer.errors import ConfigError, DataError, PreflightError
 from kubetune_trainer.report import utc_now
@@ -543,12 +543,18 @@ def _disk_checks(cfg: TrainConfig, info: ModelInfo | None) -> list[Check]:
     return checks
 
 
-def write_report(report: Report, path: Path) -> None:
-    """Best effort: when output.dir is what failed (a file, read-only), the report still reaches stderr and the
-    run's status, and the failed disk.output check, not this write, must decide the exit. The caller has
-    claimed the directory (checkpoints.claim_output_dir)."""
+def publish(report: Report, out_dir: Path, title: str | None = "Preflight") -> None:
+    """preflight.json in output.dir, and (under `title`, unless None) the report in the log: whole at info when
+    it passed; at debug when it failed, as the error names the failed checks (-v shows all).
+
+    The write is best effort: when output.dir is what failed (a file, read-only), the report still reaches
+    stderr and the run's status, and the failed disk.output check, not this write, must decide the exit. The
+    caller has claimed the directory (checkpoints.claim_output_dir)."""
+    path = out_dir / contract.PREFLIGHT_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         checkpoints.write_atomic(path, json.dumps(report.to_dict(), indent=2) + "\n")
     except OSError as exc:
         log.warning("Could not write the preflight report to %s: %s", path, exc.strerror or exc)
+    if title is not None:
+        log.log(logging.DEBUG if report.failed else logging.INFO, "%s:\n%s", title, report.render())

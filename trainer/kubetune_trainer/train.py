@@ -37,7 +37,6 @@ from kubetune_trainer.contract import (
     LOG_HISTORY_FILE,
     LOSS_CURVES_FILE,
     METRICS_FILE,
-    PREFLIGHT_FILE,
     PROGRESS_FILE,
 )
 from kubetune_trainer.data import EpochSeededSampler, PaddingCollator, PreparedData, file_signature
@@ -57,7 +56,7 @@ from kubetune_trainer.evaluate import evaluate as evaluate_test
 from kubetune_trainer.evaluate import write_report as write_eval_report
 from kubetune_trainer.guards import DivergenceGuard, EvaluationAbandoned, RunControl, StopRequest
 from kubetune_trainer.model import Hardware, apply_lora, load_model, parameter_counts
-from kubetune_trainer.preflight import Preflight, checkpoint_bytes, run_preflight, write_report
+from kubetune_trainer.preflight import Preflight, checkpoint_bytes, publish, run_preflight
 from kubetune_trainer.report import (
     HighLossSamples,
     ProgressTracker,
@@ -533,11 +532,7 @@ def setup(
 
     hw = Hardware.detect()
     pf = run_preflight(cfg, hardware=hw, expect_gpus=expect_gpus, stage="run")
-    write_report(pf.report, out / PREFLIGHT_FILE)
-    if pf.report.failed:
-        log.debug("Preflight:\n%s", pf.report.render())  # the error names the failed checks; -v shows all
-    else:
-        log.info("Preflight:\n%s", pf.report.render())
+    publish(pf.report, out)
     reporter = Reporter(sinks if sinks is not None else default_sinks(cfg))
     try:
         reporter.preflight(pf.report.to_dict())  # a failed preflight shows in the run's status too
