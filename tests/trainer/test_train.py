@@ -395,3 +395,33 @@ def test_an_output_dir_with_a_users_files_is_refused_and_left_alone(make_config)
         run(cfg, sinks=[])
     assert (out / "config.yaml").read_text() == "# my notes on this experiment\n"
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.yaml"], "nothing written there"
+
+
+def test_a_half_written_save_counts_its_own_bytes_before_calling_the_volume_full(tmp_path):
+    """Sparse files: a checkpoint a GiB larger than the free space, and a failed save that already wrote 2 GiB
+    of it. The rest fits, so the failure is no VolumeFull (that would end the run for good, exit 5)."""
+    import os
+    from types import SimpleNamespace
+
+    from kubetune_trainer import checkpoints
+    from kubetune_trainer.train import _save_failed_for_space
+
+    root = tmp_path / "ckpt"
+    latest, staged = root / "checkpoint-10", root / checkpoints.STAGING / "checkpoint-20"
+    for folder in (latest, staged):
+        folder.mkdir(parents=True)
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    os.truncate(_touch(latest / "adapter_model.safetensors"), free + (1 << 30))
+    recipe = SimpleNamespace(
+        cfg=SimpleNamespace(checkpoints=SimpleNamespace(dir=str(root))),
+        committer=SimpleNamespace(latest=SimpleNamespace(path=latest)),
+    )
+    os.truncate(_touch(staged / "adapter_model.safetensors"), 2 << 30)
+    assert not _save_failed_for_space(recipe)
+    os.truncate(staged / "adapter_model.safetensors", 0)  # nothing written yet: the whole checkpoint must fit
+    assert _save_failed_for_space(recipe)
+
+
+def _touch(path: Path) -> Path:
+    path.touch()
+    return path

@@ -695,7 +695,10 @@ def _save_failed_for_space(recipe: Recipe) -> bool:
     else:  # no checkpoint yet: preflight's estimate of one
         info = recipe.preflight.model_info
         need = largest = checkpoint_bytes(info) if info is not None else 0
-    return checkpoints.lacks_space(staging, need, largest)
+    # What the failed save wrote already takes its room: only the rest must fit (else a save that failed for
+    # another reason, half-written on a half-full volume, would read as VolumeFull).
+    need -= checkpoints.size_bytes(staging)
+    return checkpoints.lacks_space(staging, max(need, 0), largest)
 
 
 def _disk_full(recipe: Recipe, exc: BaseException) -> StorageFullError:
