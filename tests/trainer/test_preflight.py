@@ -81,6 +81,27 @@ def test_memory_estimate_follows_the_settings():
     assert 5 * GiB < base["total"] < 40 * GiB  # a 0.5B model, batch 4 x 1024 tokens
 
 
+def test_an_evaluation_batch_counts_only_when_there_is_data_to_evaluate():
+    from types import SimpleNamespace
+
+    from kubetune_trainer.config import TrainConfig
+    from kubetune_trainer.preflight import _estimate
+
+    cfg = TrainConfig.model_validate(
+        {"model": {"nameOrPath": "m"}, "dataset": {"path": "d.jsonl"}, "evaluation": {"batchSize": 64}}
+    )
+    lengths = {"train": SimpleNamespace(max_length=1024)}
+
+    def estimate(splits: dict) -> dict[str, int]:
+        pf = SimpleNamespace(model_info=QWEN_05B, precision="bf16", data=SimpleNamespace(stats={**lengths, **splits}))
+        return _estimate(cfg, pf)
+
+    with_validation = estimate({"validation": SimpleNamespace(max_length=1024)})
+    assert with_validation["eval_logits"] > with_validation["logits"], "evaluation.batchSize 64 counts"
+    alone = estimate({})  # no validation or test split: the evaluation batch is never made
+    assert alone["total"] < with_validation["total"] and alone["eval_logits"] <= alone["logits"]
+
+
 def test_memory_estimate_counts_a_larger_evaluation_batch():
     args = {"precision": "bf16", "batch_size": 4, "seq_len": 1024, "gradient_checkpointing": True}
     same = estimate_memory(QWEN_05B, **args)

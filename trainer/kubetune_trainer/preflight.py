@@ -501,13 +501,14 @@ def _estimate(cfg: TrainConfig, pf: Preflight) -> dict[str, int]:
     stats = pf.data.stats if pf.data is not None else {}
     train_len = stats["train"].max_length if "train" in stats else cfg.dataset.max_seq_length
     eval_lens = [stats[split].max_length for split in ("validation", "test") if split in stats]
+    evaluates = bool(eval_lens) or pf.data is None  # without data, assume the config's splits exist
     return estimate_memory(
         pf.model_info,
         precision=pf.precision,
         batch_size=cfg.training.batch_size,
         seq_len=train_len,
         gradient_checkpointing=cfg.training.gradient_checkpointing,
-        eval_batch_size=cfg.evaluation.batch_size or cfg.training.batch_size,
+        eval_batch_size=(cfg.evaluation.batch_size or cfg.training.batch_size) if evaluates else None,
         eval_seq_len=max(eval_lens) if eval_lens else train_len,
     )
 
