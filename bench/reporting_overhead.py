@@ -142,7 +142,10 @@ def train_once(work: Path, name: str, args: argparse.Namespace, sinks: list[Sink
 
         tracker._emit = timed_emit  # type: ignore[method-assign]
     recipe.trainer.add_callback(clock)
-    threads = [getattr(s, "_thread", None) or getattr(s, "thread", None) for s in sinks or []]
+    # The sinks that work in a thread of their own (the status patcher, Prometheus' HTTP server): its CPU counts.
+    threads = [t for s in sinks or [] if (t := getattr(s, "_thread", None) or getattr(s, "thread", None))]
+    threaded = [s for s in sinks or [] if isinstance(s, KubernetesStatusSink | PrometheusSink)]
+    assert len(threads) == len(threaded), "a sink's thread was renamed: its CPU would silently count as 0"
     try:  # what train.run does
         metrics = train(recipe)
         background = sum(thread_cpu_seconds(t) for t in threads)  # before close() ends them
